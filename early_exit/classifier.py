@@ -1,0 +1,126 @@
+"""Training all exits of the early-exit CNN at once, as a LightningModule."""
+
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from early_exit.model import SEED_HEAD_DROPOUT, SEED_STAGE_DROPOUT, EarlyExitCNN
+
+
+class EarlyExitClassifier(L.LightningModule):
+    """Trains every exit on a weighted sum of their cross-entropy losses.
+
+    ``exit_weights`` weigh the exits' losses at the start of training; if ``final_exit_weights`` is
+    given, the weights move linearly to it over the run (the seed shifts weight from early to late
+    exits). Both are normalised to sum to one, so the loss scale does not depend on them.
+    The learning rate follows ``lr_schedule`` per step, peaking at the optimiser's ``lr``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        num_stages: int = 4,
+        width: float = 1.0,
+        stage_dropout: Sequence[float] = SEED_STAGE_DROPOUT,
+        head_dropout: Sequence[float] = SEED_HEAD_DROPOUT,
+        exit_weights: Sequence[float] | None = None,
+        final_exit_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        warmup_fraction: float = 0.15,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = EarlyExitCNN(num_classes, num_stages, width, stage_dropout, head_dropout)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        n = self.model.num_exits
+        for name, weights in (("exit_weights", exit_weights), ("final_exit_weights", final_exit_weights)):
+            if weights is not None and (len(weights) != n or min(weights) < 0 or sum(weights) <= 0):
+                raise ValueError(f"{name} needs {n} non-negative weights with a positive sum, got {list(weights)}")
+        self.optimizer = optimizer
+        self.accuracy = nn.ModuleDict(
+            {split: nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(n))
+             for split in ("train_", "val_", "test_")}  # ModuleDict keys may not shadow Module.train
+        )
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def current_exit_weights(self) -> Tensor:
+        start = torch.tensor(self.hparams.exit_weights or [1.0] * self.model.num_exits)
+        end = self.hparams.final_exit_weights
+        if end is not None and self.trainer.training:
+            progress = min(1.0, self.global_step / max(1, self.trainer.estimated_stepping_batches))
+            start = torch.lerp(start, torch.tensor(end, dtype=start.dtype), progress)
+        return start / start.sum()
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+        images, labels = batch
+        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
+        exit_logits = self(images)
+        losses = torch.stack([F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+                              for logits in exit_logits])
+        weights = self.current_exit_weights().to(losses.device)
+        loss = (weights * losses).sum()
+        training = split == "train"
+        sync = not training  # val/test figures are all-rank values under DDP
+        log = dict(on_step=training, on_epoch=True, sync_dist=sync, batch_size=len(labels))
+        self.log(f"{split}/loss", loss, prog_bar=True, **log)
+        for k, (exit_loss, logits) in enumerate(zip(losses, exit_logits), start=1):
+            metric = self.accuracy[f"{split}_"][k - 1]
+            metric(logits, labels)
+            self.log(f"{split}/loss_exit{k}", exit_loss, **log)
+            self.log(f"{split}/acc_exit{k}", metric, **log)
+        self.log(f"{split}/acc", metric, prog_bar=True, **log)  # the final exit's: what checkpoints rank by
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per image and exit: the predicted class and its softmax confidence, shape (N, exits)."""
+        probs = torch.stack(self(batch[0]), dim=1).float().softmax(-1)
+        confidence, prediction = probs.max(-1)
+        return {"prediction": prediction, "confidence": confidence}
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        classes = getattr(datamodule, "num_classes", 0)
+        if classes and classes != self.hparams.num_classes:
+            raise ValueError(f"the data has {classes} classes but the model {self.hparams.num_classes}: "
+                             f"set --model.num_classes {classes}")
+        if self.logger is not None:
+            flops = {f"flops/exit{k}": float(f) for k, f in enumerate(self.model.exit_flops, start=1)}
+            self.logger.log_metrics(flops, step=0)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        schedule = self.hparams.lr_schedule
+        if schedule == "constant":
+            return optimizer
+        if schedule == "onecycle":
+            peak = [group["lr"] for group in optimizer.param_groups]
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=peak, total_steps=total_steps, pct_start=self.hparams.warmup_fraction
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

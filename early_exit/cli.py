@@ -1,0 +1,101 @@
+"""The ``eecnn`` command: LightningCLI over the eecnn models and the CIFAR-10 DataModule."""
+
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from early_exit.classifier import EarlyExitClassifier
+from early_exit.data import CIFAR10DataModule
+from early_exit.errors import InputError
+
+PACKAGE = "early_exit."
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load an eecnn checkpoint on the CPU, or raise InputError saying why it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist: check --ckpt_path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
+        raise InputError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "") if isinstance(checkpoint, dict) else ""
+    if not class_path.startswith(PACKAGE) or "state_dict" not in checkpoint:
+        raise InputError(f"{path} is not an eecnn checkpoint: pass one written by `eecnn fit`")
+    return checkpoint
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A class's saved hyper-parameters without the CLI's bookkeeping keys."""
+    return {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
+
+
+class EarlyExitCLI(LightningCLI):
+    """LightningCLI with eecnn's defaults: TensorBoard under ``logs/``, best and last checkpoints, step LR
+    logging, and the model and data settings read from ``--ckpt_path`` so a checkpoint is enough to test it."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({
+            "model": {"class_path": f"{EarlyExitClassifier.__module__}.{EarlyExitClassifier.__name__}"},
+            "checkpoint.monitor": "val/acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "epoch{epoch:03d}-val_acc{val/acc:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+            "lr_monitor.logging_interval": "step",
+            "trainer.logger": {
+                "class_path": f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
+                "init_args": {"save_dir": "logs", "name": "eecnn"},
+            },
+        })
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        argv = list(sys.argv[1:] if args is None else args)
+        subcommand = argv[0] if argv and argv[0] in self.subcommands() else None
+        ckpt_path = _option(argv, "--ckpt_path")
+        if subcommand and ckpt_path:
+            checkpoint = read_checkpoint(ckpt_path)
+            model = _init_args(checkpoint["hyper_parameters"])
+            defaults = {"model": {"class_path": checkpoint["hyper_parameters"]["_class_path"], "init_args": model}}
+            if data := _init_args(checkpoint.get("datamodule_hyper_parameters", {})):
+                defaults["data"] = data
+            self._subcommand_parsers[subcommand].set_defaults(defaults)
+        super().parse_arguments(parser, args)
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        EarlyExitCLI(
+            L.LightningModule,
+            CIFAR10DataModule,
+            subclass_mode_model=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # the models configure their own optimisers
+            args=args,
+        )
+    except InputError as err:
+        sys.exit(f"eecnn: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""CIFAR-10 as a LightningDataModule.
+
+Every split is decoded once into a uint8 tensor held in memory; augmentation and normalisation run
+on whole batches after they reach the device, so on a 2-core CPU the model, not JPEG decoding or
+per-image transforms, sets the pace.
+"""
+
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from early_exit.errors import InputError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SIZE = 32
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def load_rgb_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Any PIL-readable image as a ``size`` x ``size`` RGB uint8 array (H, W, 3)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise InputError(f"cannot read image {path} ({err}): replace or remove the file") from None
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 (N, 3, H, W) images to float, standardised with CIFAR-10's channel statistics."""
+    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def random_crop_flip(images: Tensor, padding: int, flip: bool) -> Tensor:
+    """Random crop after zero padding and random horizontal flip, drawn per sample, in one gather.
+
+    torchvision's transforms draw one set of parameters per call, so per-sample augmentation would
+    mean a Python call per image in the DataLoader; this keeps it a handful of batched tensor ops.
+    """
+    n, c, h, w = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    rows = torch.randint(0, 2 * padding + 1, (n, 1), device=device) + torch.arange(h, device=device)
+    cols = torch.randint(0, 2 * padding + 1, (n, 1), device=device) + torch.arange(w, device=device)
+    if flip:
+        mirrored = torch.rand(n, 1, device=device) < 0.5
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=device).view(1, c, 1, 1)
+    return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "eecnn"
+
+
+def _is_writable(folder: Path) -> bool:
+    # Mode bits, not os.access: root may write anywhere, but a folder marked read-only (such as a
+    # shared data folder) should be left alone.
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & stat.S_IWUSR)
+
+
+def extract_archive(archive: Path) -> Path:
+    """Unpack ``archive`` once into a cache folder beside it (or under ~/.cache/eecnn if that folder is
+    read-only) and return it. Unpacks into a temporary folder first, so a crash leaves no half cache."""
+    name = next(archive.name.removesuffix(s) for s in ARCHIVE_SUFFIXES if archive.name.endswith(s))
+    parent = archive.parent if _is_writable(archive.parent) else _cache_home()
+    target = parent / f"{name}.extracted"
+    if target.is_dir():
+        return target
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        tmp.rename(target)
+    except (tarfile.TarError, OSError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if target.is_dir():  # another process unpacked it first
+            return target
+        raise InputError(f"cannot unpack {archive} ({err}): check that it is a .tar.gz or .tar file") from None
+    return target
+
+
+def find_split_root(folder: Path) -> Path:
+    """The folder holding ``train/`` and ``test/``: ``folder`` itself, or its single subfolder."""
+    candidates = [folder] + [d for d in sorted(folder.iterdir()) if d.is_dir()]
+    for root in candidates:
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return root
+    raise InputError(f"{folder} has no train/ and test/ folders: expected train/<class>/* and test/<class>/*")
+
+
+def read_image_folder(root: Path, split: str) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode ``root/split/<class>/*`` into uint8 images (N, 3, H, W), labels and class names."""
+    class_sets = {s: sorted(d.name for d in (root / s).iterdir() if d.is_dir()) for s in ("train", "test")}
+    if class_sets["train"] != class_sets["test"]:
+        only = set(class_sets["train"]) ^ set(class_sets["test"])
+        raise InputError(f"class folders differ between {root}/train and {root}/test ({', '.join(sorted(only))}): "
+                         "both splits need the same classes")
+    classes = class_sets[split]
+    if not classes:
+        raise InputError(f"{root / split} has no class folders: expected {split}/<class>/<image>")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        class_files = sorted(f for f in (root / split / name).iterdir() if f.is_file())
+        if not class_files:
+            raise InputError(f"class folder {root / split / name} is empty: add its images or remove the folder")
+        files += class_files
+        labels += [label] * len(class_files)
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        images = np.stack(list(pool.map(load_rgb_image, files, chunksize=256)))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), classes
+
+
+def read_torchvision_cifar10(root: Path, split: str, download: bool) -> tuple[Tensor, Tensor, list[str]]:
+    """CIFAR-10 through torchvision's own download and files."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        dataset = CIFAR10(str(root), train=split == "train", download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise InputError(f"no CIFAR-10 at {root} ({err}): pass --data.download true, or point "
+                         "--data.data_dir at an image-folder copy or its .tar.gz") from None
+    except OSError as err:  # download failed: no network, unwritable folder
+        raise InputError(f"could not download CIFAR-10 into {root} ({err}): check the network, or point "
+                         "--data.data_dir at a local image-folder copy or its .tar.gz") from None
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(dataset.targets), list(dataset.classes)
+
+
+class CIFAR10DataModule(L.LightningDataModule):
+    """CIFAR-10 from torchvision's download (``data_dir`` a plain folder) or from an image-folder copy
+    (``data_dir`` holding ``train/<class>/*`` and ``test/<class>/*``, or a .tar.gz/.tar of that).
+
+    A validation split of ``val_size`` images is held out of the training split with ``split_seed``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/",
+        download: bool = True,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        crop_padding: int = 4,
+        horizontal_flip: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.classes: list[str] = []
+        self.datasets: dict[str, TensorDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def image_folder(self) -> Path | None:
+        """The image-folder root to read, unpacking an archive if needed; None means torchvision's files."""
+        path = Path(self.hparams.data_dir).expanduser()
+        if path.name.endswith(ARCHIVE_SUFFIXES):
+            if not path.is_file():
+                raise InputError(f"archive {path} does not exist: check --data.data_dir")
+            return find_split_root(extract_archive(path))
+        if path.is_file():
+            raise InputError(f"{path} is a file but not a .tar.gz, .tgz or .tar archive: check --data.data_dir")
+        if (path / "train").is_dir() or (path / "test").is_dir():
+            return find_split_root(path)
+        if not path.exists() and not self.hparams.download:
+            raise InputError(f"data_dir {path} does not exist: check --data.data_dir, or pass --data.download true")
+        return None
+
+    def prepare_data(self) -> None:
+        if self.image_folder() is None:
+            for split in ("train", "test"):
+                read_torchvision_cifar10(Path(self.hparams.data_dir), split, self.hparams.download)
+
+    def read_split(self, split: str) -> tuple[Tensor, Tensor]:
+        """All images and labels of the official ``train`` or ``test`` split."""
+        root = self.image_folder()
+        if root is None:
+            images, labels, self.classes = read_torchvision_cifar10(Path(self.hparams.data_dir), split, False)
+        else:
+            images, labels, self.classes = read_image_folder(root, split)
+        return images, labels
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and "train" not in self.datasets:
+            images, labels = self.read_split("train")
+            val_size = self.hparams.val_size
+            if not 0 < val_size < len(labels):
+                raise InputError(f"val_size {val_size} must be between 1 and {len(labels) - 1}, "
+                                 f"the number of training images less one")
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
+            val, train = order[:val_size], order[val_size:]
+            self.datasets["train"] = TensorDataset(images[train], labels[train])
+            self.datasets["val"] = TensorDataset(images[val], labels[val])
+        if stage in ("test", "predict") and "test" not in self.datasets:
+            self.datasets["test"] = TensorDataset(*self.read_split("test"))
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        augment = self.hparams.crop_padding > 0 or self.hparams.horizontal_flip
+        if augment and self.trainer is not None and self.trainer.training:
+            images = random_crop_flip(images, self.hparams.crop_padding, self.hparams.horizontal_flip)
+        return normalize(images), labels

@@ -1,0 +1,116 @@
+"""The early-exit CNN: a VGG-style backbone with a classifier head after every stage."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+BASE_CHANNELS = (64, 128, 256, 512)
+SEED_STAGE_DROPOUT = (0.0, 0.3, 0.4, 0.5)
+SEED_HEAD_DROPOUT = (0.0, 0.4, 0.5, 0.5)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class Stage(nn.Sequential):
+    """Two 3x3 conv-BN-ReLU layers and a 2x2 max-pool; as in the seed, dropout sits between the convs."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+        layers = conv_bn_relu(in_channels, out_channels)
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        layers += conv_bn_relu(out_channels, out_channels)
+        layers.append(nn.MaxPool2d(2))
+        super().__init__(*layers)
+
+
+class ExitHead(nn.Sequential):
+    """Global average pool and a two-layer MLP, the seed's exit classifier."""
+
+    def __init__(self, channels: int, num_classes: int, dropout: float) -> None:
+        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers += [
+            nn.Linear(channels, 2 * channels),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(2 * channels),
+            nn.Linear(2 * channels, num_classes),
+        ]
+        super().__init__(*layers)
+
+
+class EarlyExitCNN(nn.Module):
+    """A CNN whose every stage ends in an exit, so inference can stop after any stage.
+
+    ``forward`` returns the logits of all exits (training needs them all). ``stage_flops`` and
+    ``head_flops`` are measured, not hand-typed, forward FLOPs per image: the cost an exit policy
+    trades against accuracy.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        num_stages: int = 4,
+        width: float = 1.0,
+        stage_dropout: Sequence[float] = SEED_STAGE_DROPOUT,
+        head_dropout: Sequence[float] = SEED_HEAD_DROPOUT,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        if not 1 <= num_stages <= len(BASE_CHANNELS):
+            raise ValueError(f"num_stages must be between 1 and {len(BASE_CHANNELS)}, got {num_stages}")
+        for name, rates in (("stage_dropout", stage_dropout), ("head_dropout", head_dropout)):
+            if len(rates) < num_stages:
+                raise ValueError(f"{name} needs one rate per stage ({num_stages}), got {list(rates)}")
+        channels = [max(1, round(c * width)) for c in BASE_CHANNELS[:num_stages]]
+        in_channels = [3] + channels[:-1]
+        self.stages = nn.ModuleList(
+            Stage(cin, cout, p) for cin, cout, p in zip(in_channels, channels, stage_dropout)
+        )
+        self.exits = nn.ModuleList(ExitHead(c, num_classes, p) for c, p in zip(channels, head_dropout))
+        self.stage_flops, self.head_flops = self._measure_flops(image_size)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        logits = []
+        for stage, head in zip(self.stages, self.exits):
+            x = stage(x)
+            logits.append(head(x))
+        return logits
+
+    @property
+    def exit_flops(self) -> list[int]:
+        """Cumulative FLOPs per image of answering at exit k: stages 1..k plus head k."""
+        cumulative, backbone = [], 0
+        for stage, head in zip(self.stage_flops, self.head_flops):
+            backbone += stage
+            cumulative.append(backbone + head)
+        return cumulative
+
+    @torch.no_grad()
+    def _measure_flops(self, image_size: int) -> tuple[list[int], list[int]]:
+        """Forward FLOPs per image of each stage and each head, counted by torch's FLOP counter."""
+        was_training = self.training
+        self.eval()
+        x = torch.zeros(1, 3, image_size, image_size)
+        stage_flops, head_flops = [], []
+        for stage, head in zip(self.stages, self.exits):
+            with FlopCounterMode(display=False) as counter:
+                x = stage(x)
+            stage_flops.append(counter.get_total_flops())
+            with FlopCounterMode(display=False) as counter:
+                head(x)
+            head_flops.append(counter.get_total_flops())
+        self.train(was_training)
+        return stage_flops, head_flops
