@@ -58,11 +58,11 @@ class EarlyExitClassifier(L.LightningModule):
         return self.model(images)
 
     def current_exit_weights(self) -> Tensor:
-        start = torch.tensor(self.hparams.exit_weights or [1.0] * self.model.num_exits)
+        start = torch.tensor(self.hparams.exit_weights or [1.0] * self.model.num_exits, dtype=torch.float32)
         end = self.hparams.final_exit_weights
         if end is not None and self.trainer.training:
             progress = min(1.0, self.global_step / max(1, self.trainer.estimated_stepping_batches))
-            start = torch.lerp(start, torch.tensor(end, dtype=start.dtype), progress)
+            start = torch.lerp(start, torch.tensor(end, dtype=torch.float32), progress)
         return start / start.sum()
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:

@@ -183,8 +183,11 @@ class CIFAR10DataModule(L.LightningDataModule):
             raise InputError(f"{path} is a file but not a .tar.gz, .tgz or .tar archive: check --data.data_dir")
         if (path / "train").is_dir() or (path / "test").is_dir():
             return find_split_root(path)
-        if not path.exists() and not self.hparams.download:
-            raise InputError(f"data_dir {path} does not exist: check --data.data_dir, or pass --data.download true")
+        if not self.hparams.download and not (path / "cifar-10-batches-py").is_dir():
+            if not path.exists():
+                raise InputError(f"data_dir {path} does not exist: check --data.data_dir, or pass --data.download true")
+            raise InputError(f"{path} has no train/ and test/ folders and no torchvision CIFAR-10 files: point "
+                             "--data.data_dir at an image-folder copy, or pass --data.download true")
         return None
 
     def prepare_data(self) -> None:

@@ -1,0 +1,45 @@
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from early_exit import CIFAR10DataModule, EarlyExitClassifier
+
+
+class RecordExitWeights(Callback):
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.weights.append(module.current_exit_weights())
+
+
+def test_classifier_learns_a_separable_task_and_shifts_exit_weights(image_folder):
+    L.seed_everything(0)
+    data = CIFAR10DataModule(str(image_folder), download=False, val_size=32, batch_size=32)
+    model = EarlyExitClassifier(
+        num_classes=4, num_stages=2, width=0.125, exit_weights=[3, 1], final_exit_weights=[1, 3],
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
+    )
+    recorder = RecordExitWeights()
+    trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(model, data)
+    accuracy = trainer.validate(model, data, verbose=False)[0]
+    assert accuracy["val/acc"] > 0.8  # chance is 0.25
+    assert accuracy["val/acc_exit1"] > 0.5
+    first, last = recorder.weights[0], recorder.weights[-1]
+    assert torch.allclose(first, torch.tensor([0.75, 0.25]))
+    assert last[1] > 0.7 and all(torch.diff(torch.stack(recorder.weights)[:, 1]) >= 0)
+
+
+def test_exit_weights_must_match_the_exits():
+    with pytest.raises(ValueError, match="exit_weights needs 2"):
+        EarlyExitClassifier(num_stages=2, width=0.125, exit_weights=[1, 1, 1])
+
+
+def test_predict_returns_class_and_confidence_per_exit():
+    model = EarlyExitClassifier(num_classes=4, num_stages=3, width=0.125).eval()
+    out = model.predict_step((torch.randn(5, 3, 32, 32), torch.zeros(5)), 0)
+    assert out["prediction"].shape == out["confidence"].shape == (5, 3)
+    assert ((out["confidence"] > 0.25) & (out["confidence"] <= 1)).all()

@@ -1,0 +1,123 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import scalars, tiny_fit_args
+
+from early_exit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EECNN = str(Path(sys.executable).parent / "eecnn")  # the installed console script
+
+
+def run(args: list[str]) -> None:
+    try:
+        main(args)
+    except SystemExit as exit:  # LightningCLI exits 0 after --print_config
+        if exit.code not in (0, None):
+            raise
+
+
+def error_of(args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    message = str(exit.value.code)
+    assert message.startswith("eecnn: error: ") and "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def trained_run(image_folder, tmp_path_factory) -> Path:
+    """A tiny `eecnn fit` run: its log folder under logs/eecnn/version_0."""
+    workdir = tmp_path_factory.mktemp("fit")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        run(["fit", *tiny_fit_args(image_folder)])
+    finally:
+        os.chdir(cwd)
+    return workdir / "logs" / "eecnn" / "version_0"
+
+
+def test_help_lists_the_subcommands(capsys):
+    run(["--help"])
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("fit", "validate", "test", "predict"))
+
+
+def test_printed_config_is_accepted_unchanged(tmp_path, capsys):
+    run(["fit", "--config", str(ROOT / "configs" / "cifar10.yaml"), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    run(["fit", "--config", str(printed), "--print_config"])
+    assert capsys.readouterr().out == printed.read_text()
+    assert yaml.safe_load(printed.read_text())["model"]["class_path"] == "early_exit.EarlyExitClassifier"
+
+
+def test_fit_logs_to_tensorboard_and_keeps_best_and_last_checkpoints(trained_run):
+    checkpoints = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and len(checkpoints) == 2
+    tags = scalars(trained_run)
+    for tag in ("train/loss_step", "val/loss", "val/acc_exit1", "val/acc_exit2", "val/acc",
+                "train/acc_exit1_epoch", "lr-AdamW", "flops/exit1", "flops/exit2"):
+        assert tag in tags, tag
+    assert tags["flops/exit1"][0] < tags["flops/exit2"][0]
+
+
+def test_checkpoint_alone_is_enough_to_test(trained_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run(["test", "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"), "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr().out
+    assert "test/acc_exit1" in out and "test/acc_exit2" in out
+    tags = scalars(tmp_path / "logs" / "eecnn" / "version_0")
+    assert 0.5 < tags["test/acc"][0] <= 1.0  # trained on 4 separable classes: well above chance
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d / "missing.ckpt", "does not exist"),
+    (lambda d: (d / "junk.ckpt").write_text("hello") and d / "junk.ckpt", "not a readable PyTorch checkpoint"),
+    (lambda d: torch.save({"state_dict": {}}, d / "other.ckpt") or d / "other.ckpt", "not an eecnn checkpoint"),
+])
+def test_bad_checkpoint_is_one_line(tmp_path, make, expected):
+    assert expected in error_of(["test", "--ckpt_path", str(make(tmp_path))])
+
+
+def test_bad_data_dir_is_one_line(tmp_path):
+    message = error_of(["fit", *tiny_fit_args(tmp_path / "nowhere.tar.gz")])
+    assert "nowhere.tar.gz does not exist" in message
+
+
+def test_console_script_prints_one_line_and_fails(tmp_path):
+    result = subprocess.run([EECNN, "test", "--ckpt_path", str(tmp_path / "missing.ckpt")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"eecnn: error: checkpoint {tmp_path / 'missing.ckpt'} "
+                                                  "does not exist: check --ckpt_path"]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_reports_all_rank_metrics(image_folder, trained_run, tmp_path):
+    """2 CPU processes (gloo) train, then test: the logged test accuracy equals the 1-process value."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    fit = subprocess.run([EECNN, "fit", *tiny_fit_args(image_folder, epochs=1), *ddp],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert (tmp_path / "logs" / "eecnn" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+    ckpt = str(trained_run / "checkpoints" / "last.ckpt")
+    for devices in ("1", "2"):
+        test = subprocess.run([EECNN, "test", "--ckpt_path", ckpt, "--trainer.devices", devices,
+                               "--trainer.strategy", "ddp" if devices == "2" else "auto",
+                               "--trainer.logger.name", f"devices{devices}"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert test.returncode == 0, test.stderr[-2000:]
+    one = scalars(tmp_path / "logs" / "devices1" / "version_0")
+    two = scalars(tmp_path / "logs" / "devices2" / "version_0")
+    for tag in ("test/acc_exit1", "test/acc"):
+        assert one[tag] == two[tag], tag
+    assert one["test/loss"][0] == pytest.approx(two["test/loss"][0], rel=1e-4)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from early_exit.model import EarlyExitCNN
+
+
+def conv_flops(c_in: int, c_out: int, size: int) -> int:
+    return 2 * c_in * c_out * 9 * size * size
+
+
+def mlp_flops(c: int, classes: int) -> int:
+    return 2 * (c * 2 * c + 2 * c * classes)
+
+
+def test_every_exit_returns_logits_for_every_image():
+    model = EarlyExitCNN(num_classes=10).eval()
+    logits = model(torch.randn(3, 3, 32, 32))
+    assert [tuple(x.shape) for x in logits] == [(3, 10)] * 4
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_number_of_stages_sets_number_of_exits(stages):
+    model = EarlyExitCNN(num_classes=5, num_stages=stages, width=0.125)
+    assert len(model(torch.randn(2, 3, 32, 32))) == model.num_exits == stages
+
+
+def test_exit_flops_match_a_hand_count_on_a_tiny_network():
+    model = EarlyExitCNN(num_classes=4, num_stages=2, width=0.125)  # channels 8, 16
+    stage1 = conv_flops(3, 8, 32) + conv_flops(8, 8, 32)
+    stage2 = conv_flops(8, 16, 16) + conv_flops(16, 16, 16)
+    assert model.exit_flops == [stage1 + mlp_flops(8, 4), stage1 + stage2 + mlp_flops(16, 4)]
+
+
+def test_exit_flops_grow_with_depth_and_match_the_seed_network_shares():
+    flops = EarlyExitCNN().exit_flops
+    assert flops == sorted(flops) and len(set(flops)) == 4
+    shares = [round(100 * f / flops[-1], 1) for f in flops]
+    assert shares == [18.8, 45.8, 72.8, 100.0]
+
+
+def test_dropout_rates_must_cover_every_stage():
+    with pytest.raises(ValueError, match="stage_dropout"):
+        EarlyExitCNN(num_stages=4, stage_dropout=[0.1, 0.2])
