@@ -61,6 +61,17 @@ class EarlyExitCLI(LightningCLI):
     """LightningCLI with eecnn's defaults: TensorBoard under ``logs/``, best and last checkpoints, step LR
     logging, and the model and data settings read from ``--ckpt_path`` so a checkpoint is enough to test it."""
 
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            L.LightningModule,
+            CIFAR10DataModule,
+            subclass_mode_model=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # the models configure their own optimisers
+            args=args,
+            run=run,
+        )
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -95,14 +106,7 @@ class EarlyExitCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     try:
-        EarlyExitCLI(
-            L.LightningModule,
-            CIFAR10DataModule,
-            subclass_mode_model=True,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # the models configure their own optimisers
-            args=args,
-        )
+        EarlyExitCLI(args)
     except InputError as err:
         sys.exit(f"eecnn: error: {err}")
 

@@ -218,20 +218,19 @@ class CIFAR10DataModule(L.LightningDataModule):
         if stage in ("test", "predict") and "test" not in self.datasets:
             self.datasets["test"] = TensorDataset(*self.read_split("test"))
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
-            shuffle=train,
-            drop_last=train,
+            shuffle=shuffle,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
