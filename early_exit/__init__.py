@@ -1,8 +1,9 @@
 """eecnn: an early-exit CNN for CIFAR-10 whose exit decisions are learned."""
 
+from early_exit.agent import ExitAgent
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule
 from early_exit.errors import InputError
 from early_exit.model import EarlyExitCNN
 
-__all__ = ["CIFAR10DataModule", "EarlyExitClassifier", "EarlyExitCNN", "InputError"]
+__all__ = ["CIFAR10DataModule", "EarlyExitClassifier", "EarlyExitCNN", "ExitAgent", "InputError"]

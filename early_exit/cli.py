@@ -52,6 +52,10 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
     """A class's saved hyper-parameters without the CLI's bookkeeping keys."""
     return {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
@@ -64,7 +68,7 @@ class EarlyExitCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
             L.LightningModule,
-            CIFAR10DataModule,
+            None,  # any LightningDataModule, and optional: the exit agent replays cached outputs (data: null)
             subclass_mode_model=True,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the models configure their own optimisers
@@ -76,7 +80,8 @@ class EarlyExitCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({
-            "model": {"class_path": f"{EarlyExitClassifier.__module__}.{EarlyExitClassifier.__name__}"},
+            "model": {"class_path": _class_path(EarlyExitClassifier)},
+            "data": {"class_path": _class_path(CIFAR10DataModule)},
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",
             "checkpoint.save_last": True,
@@ -85,7 +90,7 @@ class EarlyExitCLI(LightningCLI):
             "lr_monitor.logging_interval": "step",
             "trainer.precision": default_precision(),
             "trainer.logger": {
-                "class_path": f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
+                "class_path": _class_path(TensorBoardLogger),
                 "init_args": {"save_dir": "logs", "name": "eecnn"},
             },
         })
@@ -96,11 +101,13 @@ class EarlyExitCLI(LightningCLI):
         ckpt_path = _option(argv, "--ckpt_path")
         if subcommand and ckpt_path:
             checkpoint = read_checkpoint(ckpt_path)
-            model = _init_args(checkpoint["hyper_parameters"])
-            defaults = {"model": {"class_path": checkpoint["hyper_parameters"]["_class_path"], "init_args": model}}
-            if data := _init_args(checkpoint.get("datamodule_hyper_parameters", {})):
-                defaults["data"] = data
-            self._subcommand_parsers[subcommand].set_defaults(defaults)
+            model = checkpoint["hyper_parameters"]
+            data = checkpoint.get("datamodule_hyper_parameters")  # None for models that bring their own data
+            self._subcommand_parsers[subcommand].set_defaults({
+                "model": {"class_path": model["_class_path"], "init_args": _init_args(model)},
+                "data": data and {"class_path": data.get("_class_path", _class_path(CIFAR10DataModule)),
+                                  "init_args": _init_args(data)},
+            })
         super().parse_arguments(parser, args)
 
 

@@ -1,5 +1,6 @@
 """Small generated CIFAR-like data in the layouts the real data comes in."""
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -40,3 +41,20 @@ def image_folder(tmp_path_factory) -> Path:
 @pytest.fixture
 def image_archive(image_folder, tmp_path) -> Path:
     return make_archive(image_folder, tmp_path / "cifar-like.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder, tmp_path_factory) -> Path:
+    """A tiny `eecnn fit` run (2 exits, 4 classes): its log folder, holding checkpoints/last.ckpt."""
+    from helpers import tiny_fit_args
+
+    from early_exit.cli import main
+
+    workdir = tmp_path_factory.mktemp("fit")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        main(["fit", *tiny_fit_args(image_folder)])
+    finally:
+        os.chdir(cwd)
+    return workdir / "logs" / "eecnn" / "version_0"

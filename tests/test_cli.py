@@ -30,19 +30,6 @@ def error_of(args: list[str]) -> str:
     return message
 
 
-@pytest.fixture(scope="module")
-def trained_run(image_folder, tmp_path_factory) -> Path:
-    """A tiny `eecnn fit` run: its log folder under logs/eecnn/version_0."""
-    workdir = tmp_path_factory.mktemp("fit")
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        run(["fit", *tiny_fit_args(image_folder)])
-    finally:
-        os.chdir(cwd)
-    return workdir / "logs" / "eecnn" / "version_0"
-
-
 def test_help_lists_the_subcommands(capsys):
     run(["--help"])
     out = capsys.readouterr().out

@@ -1,0 +1,222 @@
+"""The exit agent: a DQN that decides per image, exit by exit, whether to stop or to continue.
+
+It never runs the CNN while training: episodes replay the frozen classifier's cached exit outputs
+(``early_exit.cache``), thousands at a time as tensor operations.
+"""
+
+import copy
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from early_exit.cache import ExitOutputs, exit_cache, load_classifier
+from early_exit.data import CIFAR10DataModule
+from early_exit.errors import InputError
+from early_exit.evaluation import evaluate_exits, first_exit, path_flops
+from early_exit.model import EarlyExitCNN
+
+CONTINUE, EXIT = 0, 1
+NUM_CONFIDENCE_FEATURES = 4  # max prob, margin, entropy, agreement; then the exit one-hot
+
+
+class ExitEnvironment:
+    """``num_envs`` exit episodes over cached exits, stepped at once.
+
+    An episode is one image: at exit k the agent sees ``features[image, k]`` and exits or continues
+    (at the last exit it must exit). Every decision at exit k pays ``compute_weight`` times the
+    relative cost of reaching it (stage k and head k over the full network); exiting also earns
+    ``reward_correct`` or ``reward_wrong``. Finished episodes restart on a new random image.
+    """
+
+    def __init__(self, features: Tensor, correct: Tensor, step_costs: Tensor, compute_weight: float,
+                 reward_correct: float = 1.0, reward_wrong: float = -1.0, num_envs: int = 256) -> None:
+        self.features, self.correct, self.step_costs = features, correct, step_costs.float()
+        self.compute_weight, self.reward_correct, self.reward_wrong = compute_weight, reward_correct, reward_wrong
+        self.last_exit = features.shape[1] - 1
+        self.image = torch.randint(len(features), (num_envs,))
+        self.exit = torch.zeros(num_envs, dtype=torch.long)
+
+    def state(self) -> Tensor:
+        return self.features[self.image, self.exit]
+
+    def rewards(self, image: Tensor, exit: Tensor, exits_now: Tensor) -> Tensor:
+        right = self.correct[image, exit]
+        outcome = torch.where(right, self.reward_correct, self.reward_wrong) * exits_now
+        return outcome - self.compute_weight * self.step_costs[exit]
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Apply ``actions``; return the transitions (state, action, reward, next state, done)."""
+        states = self.state()
+        exits_now = (actions == EXIT) | (self.exit == self.last_exit)
+        actions = torch.where(exits_now, EXIT, CONTINUE)
+        rewards = self.rewards(self.image, self.exit, exits_now)
+        next_states = self.features[self.image, (self.exit + 1).clamp(max=self.last_exit)]
+        self.exit = torch.where(exits_now, 0, self.exit + 1)
+        self.image = torch.where(exits_now, torch.randint(len(self.features), self.image.shape), self.image)
+        return states, actions, rewards, next_states, exits_now
+
+
+class ReplayBuffer:
+    """A ring buffer of transitions held as preallocated tensors."""
+
+    def __init__(self, capacity: int, state_dim: int) -> None:
+        self.states = torch.zeros(capacity, state_dim)
+        self.next_states = torch.zeros(capacity, state_dim)
+        self.actions = torch.zeros(capacity, dtype=torch.long)
+        self.rewards = torch.zeros(capacity)
+        self.dones = torch.zeros(capacity, dtype=torch.bool)
+        self.capacity, self.size, self.position = capacity, 0, 0
+
+    def push(self, states: Tensor, actions: Tensor, rewards: Tensor, next_states: Tensor, dones: Tensor) -> None:
+        slots = (self.position + torch.arange(len(states))) % self.capacity
+        self.states[slots], self.actions[slots], self.rewards[slots] = states, actions, rewards
+        self.next_states[slots], self.dones[slots] = next_states, dones
+        self.position = int(slots[-1] + 1) % self.capacity
+        self.size = min(self.size + len(states), self.capacity)
+
+    def sample(self, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        i = torch.randint(self.size, (batch_size,))
+        return self.states[i], self.actions[i], self.rewards[i], self.next_states[i], self.dones[i]
+
+
+class ExitAgent(L.LightningModule):
+    """DQN exit policy for a trained ``EarlyExitClassifier`` checkpoint (frozen, never run while training).
+
+    ``compute_weight`` is the knob that trades accuracy for compute: the reward for an image is
+    ``reward_correct``/``reward_wrong`` at its exit minus ``compute_weight`` x the FLOPs spent on it
+    as a fraction of the full network. ``data_dir`` overrides where the classifier's data is read.
+    The greedy policy (epsilon 0) is what validation, test and checkpoints use.
+    """
+
+    def __init__(
+        self,
+        classifier_ckpt: str,
+        compute_weight: float = 0.5,
+        reward_correct: float = 1.0,
+        reward_wrong: float = -1.0,
+        num_exits: int = 4,
+        data_dir: str | None = None,
+        cache_dir: str = "logs/exit_cache",
+        hidden_size: int = 64,
+        num_envs: int = 256,
+        replay_size: int = 100_000,
+        batch_size: int = 512,
+        gamma: float = 1.0,
+        lr: float = 1e-3,
+        target_sync_steps: int = 200,
+        epsilon_start: float = 1.0,
+        epsilon_end: float = 0.02,
+        epsilon_decay_steps: int = 2000,
+        warmup_steps: int = 10,
+        steps_per_epoch: int = 500,
+        grad_clip: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        state_dim = NUM_CONFIDENCE_FEATURES + num_exits
+        self.q_net = nn.Sequential(nn.Linear(state_dim, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size),
+                                   nn.ReLU(), nn.Linear(hidden_size, 2))
+        self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
+        self.buffer = ReplayBuffer(replay_size, state_dim)
+        self.outputs: dict[str, ExitOutputs] = {}
+        self.env_steps = 0
+
+    def setup(self, stage: str) -> None:
+        if self.outputs:
+            return
+        classifier = load_classifier(self.hparams.classifier_ckpt)
+        if classifier.model.num_exits != self.hparams.num_exits:
+            raise InputError(f"{self.hparams.classifier_ckpt} has {classifier.model.num_exits} exits but the agent "
+                             f"is built for {self.hparams.num_exits}: set --model.num_exits "
+                             f"{classifier.model.num_exits} or pass a matching classifier")
+        checkpoint = torch.load(self.hparams.classifier_ckpt, map_location="cpu", weights_only=True)
+        data = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+        if self.hparams.data_dir is not None:
+            data["data_dir"] = self.hparams.data_dir
+        outputs = exit_cache(self.hparams.classifier_ckpt, CIFAR10DataModule(**data), self.hparams.cache_dir)
+        self.attach(outputs, classifier.model)
+
+    def attach(self, outputs: dict[str, ExitOutputs], model: EarlyExitCNN) -> None:
+        """Train and evaluate on these cached exit outputs of ``model`` (whose FLOPs set the costs)."""
+        self.outputs = outputs
+        self.costs = path_flops(model)  # per image, answering at exit k through the engine
+        self.full_flops = float(model.exit_flops[-1])
+        step_costs = (torch.tensor(model.stage_flops) + torch.tensor(model.head_flops)) / self.full_flops
+        self.features = {split: out.features() for split, out in outputs.items()}
+        self.env = ExitEnvironment(self.features["train"], outputs["train"].correct(), step_costs,
+                                   self.hparams.compute_weight, self.hparams.reward_correct,
+                                   self.hparams.reward_wrong, self.hparams.num_envs)
+
+    def epsilon(self) -> float:
+        h = self.hparams
+        progress = min(1.0, self.env_steps / max(1, h.epsilon_decay_steps))
+        return h.epsilon_start + progress * (h.epsilon_end - h.epsilon_start)
+
+    def greedy_exits(self, features: Tensor) -> Tensor:
+        """(N,) 0-based exit the greedy policy takes for (N, exits, state) features."""
+        with torch.no_grad():
+            q = self.q_net(features.to(self.device))
+        return first_exit(q[..., EXIT] >= q[..., CONTINUE]).cpu()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        h = self.hparams
+        with torch.no_grad():
+            actions = self.q_net(self.env.state().to(self.device)).argmax(-1).cpu()
+        explore = torch.rand(len(actions)) < self.epsilon()
+        actions = torch.where(explore, torch.randint(2, actions.shape), actions)
+        transitions = self.env.step(actions)
+        self.buffer.push(*transitions)
+        self.env_steps += 1
+        self.log_dict({"train/reward": transitions[2].mean(), "train/epsilon": self.epsilon()}, on_step=True,
+                      batch_size=1)
+        if self.env_steps < h.warmup_steps:
+            return
+        s, a, r, s2, done = (t.to(self.device) for t in self.buffer.sample(h.batch_size))
+        q = self.q_net(s).gather(1, a[:, None]).squeeze(1)
+        with torch.no_grad():
+            q_next = self.target_net(s2)
+            next_is_last = s2[:, -1] == 1  # at the last exit, exiting is the only action
+            value = torch.where(next_is_last, q_next[:, EXIT], q_next.max(-1).values)
+            target = r + h.gamma * value * (~done)
+        loss = F.smooth_l1_loss(q, target)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        if self.global_step % h.target_sync_steps == 0:
+            self.target_net.load_state_dict(self.q_net.state_dict())
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
+
+    def _evaluate(self, split: str) -> None:
+        exits = self.greedy_exits(self.features[split])
+        result = evaluate_exits(exits, self.outputs[split], self.costs, self.full_flops)
+        right = self.outputs[split].correct().gather(1, exits[:, None]).squeeze(1)
+        outcome = torch.where(right, self.hparams.reward_correct, self.hparams.reward_wrong).double()
+        reward = outcome - self.hparams.compute_weight * self.costs[exits] / self.full_flops
+        metrics = {f"{split}/acc": result["accuracy"] / 100, f"{split}/flops_saved_pct": result["flops_saved_pct"],
+                   f"{split}/reward": reward.mean().item()}
+        metrics |= {f"{split}/exit{k}_share": p for k, p in enumerate(result["exit_distribution"], start=1)}
+        self.log_dict(metrics, batch_size=1)
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluate("val")
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluate("test")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(range(self.hparams.steps_per_epoch), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(range(1), batch_size=None)  # one step evaluates the whole cached split
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(range(1), batch_size=None)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.lr)

@@ -1,0 +1,101 @@
+"""Measuring exit policies on cached exit outputs, with one function for the agent and every baseline.
+
+A policy is a (N, exits) boolean "stop here" mask; the exit taken is the first exit where it is
+true (the last exit always stops). Costs are what an early-exit engine really spends to answer at
+exit k: stages 1..k and heads 1..k, relative to the plain network (all stages, final head only).
+"""
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from early_exit.cache import ExitOutputs
+from early_exit.model import EarlyExitCNN
+
+
+def path_flops(model: EarlyExitCNN) -> Tensor:
+    """(exits,) FLOPs per image of answering at exit k through the engine: stages and heads 1..k."""
+    return torch.tensor(model.stage_flops, dtype=torch.float64).cumsum(0) + torch.tensor(
+        model.head_flops, dtype=torch.float64).cumsum(0)
+
+
+def first_exit(stop: Tensor) -> Tensor:
+    """(N,) 0-based exit taken: the first exit whose ``stop`` is true, the last exit if none is."""
+    stop = stop.clone()
+    stop[..., -1] = True
+    return stop.float().argmax(-1)  # argmax returns the first maximum
+
+
+def evaluate_exits(exits: Tensor, outputs: ExitOutputs, costs: Tensor, full_flops: float) -> dict:
+    """Accuracy (%), FLOPs saved (% of ``full_flops``) and exit distribution of a policy's exits."""
+    correct = outputs.correct().gather(1, exits[:, None]).squeeze(1)
+    mean_flops = costs[exits].mean().item()
+    distribution = torch.bincount(exits, minlength=outputs.num_exits).double() / len(exits)
+    return {
+        "accuracy": 100 * correct.double().mean().item(),
+        "flops_saved_pct": 100 * (1 - mean_flops / full_flops),
+        "mean_flops": mean_flops,
+        "exit_distribution": distribution.tolist(),
+    }
+
+
+def confidence_scores(outputs: ExitOutputs, kind: str) -> Tensor:
+    """(N, exits) scores where higher means "confident enough to stop": max softmax or minus entropy."""
+    probs = outputs.logits.float().softmax(-1)
+    if kind == "max_softmax":
+        return probs.max(-1).values
+    if kind == "entropy":
+        return (probs * probs.clamp_min(1e-12).log()).sum(-1)
+    raise ValueError(f"unknown confidence score {kind!r}: use 'max_softmax' or 'entropy'")
+
+
+def tune_thresholds(scores: Tensor, outputs: ExitOutputs, costs: Tensor, full_flops: float,
+                    min_flops_saved: float, grid: int = 16) -> Tensor:
+    """Per-exit thresholds that maximise accuracy on ``outputs`` while saving at least ``min_flops_saved`` %.
+
+    Searches every combination of per-exit score quantiles (``grid`` per exit, plus "never stop"),
+    all evaluated as one batch of tensor ops.
+    """
+    quantiles = torch.linspace(0, 1, grid + 1, dtype=scores.dtype)
+    never = torch.full((1,), float("inf"), dtype=scores.dtype)
+    options = [torch.cat([scores[:, k].quantile(quantiles), never]) for k in range(scores.shape[1] - 1)]
+    candidates = torch.tensor(list(itertools.product(*[range(len(o)) for o in options])))
+    thresholds = torch.stack([options[k][candidates[:, k]] for k in range(len(options))], dim=1)
+    correct = outputs.correct()
+    best, best_accuracy = thresholds[-1], -1.0  # "never stop early" meets any target <= 0
+    for chunk in thresholds.split(512):
+        stop = scores[None, :, :-1] >= chunk[:, None, :]
+        exits = first_exit(torch.cat([stop, torch.ones_like(stop[..., :1])], dim=-1))
+        saved = 100 * (1 - costs[exits].mean(-1) / full_flops)
+        accuracy = correct.gather(1, exits.T).T.double().mean(-1)
+        accuracy[saved < min_flops_saved] = -1.0
+        i = int(accuracy.argmax())
+        if accuracy[i] > best_accuracy:
+            best, best_accuracy = chunk[i], float(accuracy[i])
+    return best
+
+
+def threshold_exits(scores: Tensor, thresholds: Tensor) -> Tensor:
+    return first_exit(torch.cat([scores[:, :-1] >= thresholds, torch.ones_like(scores[:, :1], dtype=torch.bool)], 1))
+
+
+def oracle_exits(outputs: ExitOutputs) -> Tensor:
+    """The cheapest exit whose prediction is right, else the last: an upper bound for any policy."""
+    return first_exit(outputs.correct())
+
+
+def baselines(val: ExitOutputs, test: ExitOutputs, costs: Tensor, full_flops: float,
+              targets: tuple[float, ...] = (20.0, 30.0, 40.0, 50.0, 60.0)) -> list[dict]:
+    """Fixed-exit, oracle and threshold policies, thresholds tuned on ``val`` and measured on ``test``."""
+    results = [{"name": f"always exit {k + 1}", **evaluate_exits(torch.full((len(test.labels),), k), test, costs, full_flops)}
+               for k in range(test.num_exits)]
+    results.append({"name": "oracle", **evaluate_exits(oracle_exits(test), test, costs, full_flops)})
+    for kind in ("max_softmax", "entropy"):
+        val_scores, test_scores = confidence_scores(val, kind), confidence_scores(test, kind)
+        for target in targets:
+            thresholds = tune_thresholds(val_scores, val, costs, full_flops, target)
+            exits = threshold_exits(test_scores, thresholds)
+            results.append({"name": f"{kind} >= {target:g}% saved", "thresholds": thresholds.tolist(),
+                            **evaluate_exits(exits, test, costs, full_flops)})
+    return results

@@ -1,0 +1,155 @@
+import lightning as L
+import pytest
+import torch
+
+from early_exit import ExitAgent, InputError
+from early_exit.agent import CONTINUE, EXIT, ExitEnvironment
+from early_exit.cache import ExitOutputs, exit_cache, load_classifier
+from early_exit.data import CIFAR10DataModule
+from early_exit.evaluation import first_exit
+from early_exit.model import EarlyExitCNN
+
+CLASSES = 10
+MODEL = EarlyExitCNN()  # its measured FLOPs set the costs: exits at 18.8/45.8/72.8/100 %
+
+
+def synthetic_outputs(right: torch.Tensor, confidence: torch.Tensor) -> ExitOutputs:
+    """Exit outputs whose correctness (N, exits) and max-softmax level (N, exits) are given."""
+    n, exits = right.shape
+    labels = torch.arange(n) % CLASSES
+    predicted = torch.where(right, labels[:, None], (labels[:, None] + 1) % CLASSES)
+    logits = torch.zeros(n, exits, CLASSES)
+    logits.scatter_(2, predicted[..., None], (confidence * 8)[..., None])
+    return ExitOutputs(logits, labels)
+
+
+def train_agent(outputs: ExitOutputs, compute_weight: float = 0.5) -> ExitAgent:
+    L.seed_everything(0)
+    agent = ExitAgent("unused.ckpt", compute_weight=compute_weight, num_envs=128, batch_size=256,
+                      epsilon_decay_steps=300, steps_per_epoch=500, target_sync_steps=50, lr=3e-3)
+    agent.attach({"train": outputs, "val": outputs, "test": outputs}, MODEL)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(agent)
+    return agent
+
+
+def exits_of(agent: ExitAgent, outputs: ExitOutputs) -> torch.Tensor:
+    return agent.greedy_exits(outputs.features())
+
+
+def test_exits_at_the_first_exit_when_it_is_always_right():
+    n = 2000
+    outputs = synthetic_outputs(torch.ones(n, 4, dtype=torch.bool), torch.rand(n, 4))
+    exits = exits_of(train_agent(outputs), outputs)
+    assert (exits == 0).float().mean() >= 0.95
+
+
+def test_continues_to_the_end_when_only_the_final_exit_is_right():
+    n = 2000
+    right = torch.zeros(n, 4, dtype=torch.bool)
+    right[:, 3] = True
+    outputs = synthetic_outputs(right, torch.rand(n, 4))
+    exits = exits_of(train_agent(outputs), outputs)
+    assert (exits == 3).float().mean() >= 0.95
+
+
+def test_exits_at_the_second_exit_only_on_samples_it_is_confident_and_right_about():
+    n = 2000
+    easy = torch.arange(n) % 2 == 0
+    right = torch.zeros(n, 4, dtype=torch.bool)
+    right[:, 1] = easy
+    right[:, 2:] = True
+    confidence = torch.full((n, 4), 0.3)
+    confidence[:, 1] = torch.where(easy, 0.95, 0.2)
+    outputs = synthetic_outputs(right, confidence)
+    exits = exits_of(train_agent(outputs, compute_weight=0.5), outputs)
+    assert (exits[easy] == 1).float().mean() >= 0.9
+    assert (exits[~easy] >= 2).float().mean() >= 0.9
+
+
+def test_reward_bookkeeping_matches_a_hand_computation():
+    features = torch.zeros(2, 3, 7)
+    correct = torch.tensor([[False, True, True], [True, False, True]])
+    costs = torch.tensor([0.2, 0.3, 0.5])
+    env = ExitEnvironment(features, correct, costs, compute_weight=2.0, reward_correct=1.0, reward_wrong=-3.0,
+                          num_envs=2)
+    env.image = torch.tensor([0, 1])
+    _, actions, rewards, _, done = env.step(torch.tensor([CONTINUE, EXIT]))
+    assert rewards.tolist() == pytest.approx([-2.0 * 0.2, 1.0 - 2.0 * 0.2])
+    assert done.tolist() == [False, True]
+    env.image[1], env.exit[1] = 1, 1  # put the second episode at exit 2, where it is wrong
+    _, _, rewards, _, done = env.step(torch.tensor([EXIT, EXIT]))
+    assert rewards.tolist() == pytest.approx([1.0 - 2.0 * 0.3, -3.0 - 2.0 * 0.3])
+    # an episode's return is its outcome minus compute_weight x its total cost: image 0 exiting at 2
+    assert (-2.0 * 0.2) + (1.0 - 2.0 * 0.3) == pytest.approx(1.0 - 2.0 * (0.2 + 0.3))
+
+
+def test_the_last_exit_always_exits():
+    env = ExitEnvironment(torch.zeros(4, 2, 6), torch.ones(4, 2, dtype=torch.bool), torch.tensor([0.5, 0.5]), 1.0,
+                          num_envs=3)
+    env.exit[:] = 1
+    _, actions, rewards, _, done = env.step(torch.full((3,), CONTINUE))
+    assert done.all() and (actions == EXIT).all() and (env.exit == 0).all()
+
+
+def reference_step(features, correct, costs, weight, image, exit, action):
+    """One episode step, written out plainly."""
+    last = features.shape[1] - 1
+    done = action == EXIT or exit == last
+    reward = -weight * float(costs[exit])
+    if done:
+        reward += 1.0 if correct[image, exit] else -1.0
+    next_state = features[image, min(exit + 1, last)]
+    return features[image, exit], EXIT if done else CONTINUE, reward, next_state, done
+
+
+def test_vectorised_environment_matches_a_one_sample_reference():
+    torch.manual_seed(0)
+    features, correct = torch.randn(50, 4, 8), torch.rand(50, 4) > 0.5
+    costs = torch.tensor([0.19, 0.27, 0.27, 0.27])
+    env = ExitEnvironment(features, correct, costs, compute_weight=0.7, num_envs=64)
+    for _ in range(20):
+        images, exits = env.image.clone(), env.exit.clone()
+        actions = torch.randint(2, (64,))
+        states, taken, rewards, next_states, done = env.step(actions)
+        for i in range(64):
+            s, a, r, s2, d = reference_step(features, correct, costs, 0.7, int(images[i]), int(exits[i]), int(actions[i]))
+            assert torch.equal(states[i], s) and int(taken[i]) == a and bool(done[i]) == d
+            assert float(rewards[i]) == pytest.approx(r)
+            if not d:
+                assert torch.equal(next_states[i], s2)
+                assert int(env.image[i]) == int(images[i]) and int(env.exit[i]) == int(exits[i]) + 1
+            else:
+                assert int(env.exit[i]) == 0
+
+
+def test_first_exit_picks_the_first_stop_and_forces_the_last():
+    stop = torch.tensor([[False, True, True], [False, False, False], [True, False, False]])
+    assert first_exit(stop).tolist() == [1, 2, 0]
+
+
+def test_second_cache_run_reuses_the_cache_without_running_the_cnn(trained_run, image_folder, tmp_path, monkeypatch):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    data = CIFAR10DataModule(str(image_folder), download=False, val_size=32)
+    first = exit_cache(ckpt, data, tmp_path)
+    assert first["test"].logits.shape == (48, 2, 4)
+    assert len(first["train"].labels) + len(first["val"].labels) == 4 * 48
+
+    def no_cnn(*args, **kwargs):
+        raise AssertionError("the CNN ran although the cache exists")
+
+    monkeypatch.setattr("early_exit.cache.run_exits", no_cnn)
+    second = exit_cache(ckpt, data, tmp_path)
+    assert torch.equal(first["test"].logits, second["test"].logits)
+
+
+def test_bad_classifier_checkpoints_are_reported(trained_run, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_classifier(tmp_path / "missing.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(InputError, match="not an eecnn checkpoint"):
+        load_classifier(tmp_path / "other.ckpt")
+    agent = ExitAgent(str(trained_run / "checkpoints" / "last.ckpt"), num_exits=4, cache_dir=str(tmp_path))
+    with pytest.raises(InputError, match="has 2 exits but the agent is built for 4"):
+        agent.setup("fit")
