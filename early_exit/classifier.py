@@ -10,6 +10,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from early_exit.errors import InputError
 from early_exit.model import SEED_HEAD_DROPOUT, SEED_STAGE_DROPOUT, EarlyExitCNN
 
 
@@ -104,7 +105,7 @@ class EarlyExitClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         classes = getattr(datamodule, "num_classes", 0)
         if classes and classes != self.hparams.num_classes:
-            raise ValueError(f"the data has {classes} classes but the model {self.hparams.num_classes}: "
+            raise InputError(f"the data has {classes} classes but the model {self.hparams.num_classes}: "
                              f"set --model.num_classes {classes}")
         if self.logger is not None:
             flops = {f"flops/exit{k}": float(f) for k, f in enumerate(self.model.exit_flops, start=1)}

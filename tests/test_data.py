@@ -70,7 +70,7 @@ def test_random_crop_flip_shifts_and_mirrors_each_image():
     out = random_crop_flip(images, padding=2, flip=True)
     assert out.shape == images.shape and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    for img, pad, crop in zip(images, padded, out):  # every output is some window of its own padded image
+    for pad, crop in zip(padded, out):  # every output is some window of its own padded image
         windows = [pad[:, y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
         assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(-1)) for w in windows)
     assert not torch.equal(out, images)
