@@ -42,10 +42,15 @@ class ExitEnvironment:
     def state(self) -> Tensor:
         return self.features[self.image, self.exit]
 
+    def outcome(self, right: Tensor) -> Tensor:
+        return torch.where(right, self.reward_correct, self.reward_wrong)
+
     def rewards(self, image: Tensor, exit: Tensor, exits_now: Tensor) -> Tensor:
-        right = self.correct[image, exit]
-        outcome = torch.where(right, self.reward_correct, self.reward_wrong) * exits_now
-        return outcome - self.compute_weight * self.step_costs[exit]
+        return self.outcome(self.correct[image, exit]) * exits_now - self.compute_weight * self.step_costs[exit]
+
+    def returns(self, right: Tensor, exits: Tensor) -> Tensor:
+        """Total reward of episodes ending at ``exits`` with answers ``right``: the sum of their rewards."""
+        return self.outcome(right) - self.compute_weight * self.step_costs.cumsum(0)[exits]
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Apply ``actions``; return the transitions (state, action, reward, next state, done)."""
@@ -128,16 +133,15 @@ class ExitAgent(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.outputs:
             return
-        classifier = load_classifier(self.hparams.classifier_ckpt)
+        classifier, data = load_classifier(self.hparams.classifier_ckpt)
         if classifier.model.num_exits != self.hparams.num_exits:
             raise InputError(f"{self.hparams.classifier_ckpt} has {classifier.model.num_exits} exits but the agent "
                              f"is built for {self.hparams.num_exits}: set --model.num_exits "
                              f"{classifier.model.num_exits} or pass a matching classifier")
-        checkpoint = torch.load(self.hparams.classifier_ckpt, map_location="cpu", weights_only=True)
-        data = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
         if self.hparams.data_dir is not None:
             data["data_dir"] = self.hparams.data_dir
-        outputs = exit_cache(self.hparams.classifier_ckpt, CIFAR10DataModule(**data), self.hparams.cache_dir)
+        outputs = exit_cache(classifier, self.hparams.classifier_ckpt, CIFAR10DataModule(**data),
+                             self.hparams.cache_dir)
         self.attach(outputs, classifier.model)
 
     def attach(self, outputs: dict[str, ExitOutputs], model: EarlyExitCNN) -> None:
@@ -145,7 +149,7 @@ class ExitAgent(L.LightningModule):
         self.outputs = outputs
         self.costs = path_flops(model)  # per image, answering at exit k through the engine
         self.full_flops = float(model.exit_flops[-1])
-        step_costs = (torch.tensor(model.stage_flops) + torch.tensor(model.head_flops)) / self.full_flops
+        step_costs = self.costs.diff(prepend=self.costs.new_zeros(1)) / self.full_flops
         self.features = {split: out.features() for split, out in outputs.items()}
         self.env = ExitEnvironment(self.features["train"], outputs["train"].correct(), step_costs,
                                    self.hparams.compute_weight, self.hparams.reward_correct,
@@ -196,10 +200,8 @@ class ExitAgent(L.LightningModule):
         exits = self.greedy_exits(self.features[split])
         result = evaluate_exits(exits, self.outputs[split], self.costs, self.full_flops)
         right = self.outputs[split].correct().gather(1, exits[:, None]).squeeze(1)
-        outcome = torch.where(right, self.hparams.reward_correct, self.hparams.reward_wrong).double()
-        reward = outcome - self.hparams.compute_weight * self.costs[exits] / self.full_flops
         metrics = {f"{split}/acc": result["accuracy"] / 100, f"{split}/flops_saved_pct": result["flops_saved_pct"],
-                   f"{split}/reward": reward.mean().item()}
+                   f"{split}/reward": self.env.returns(right, exits).mean().item()}
         metrics |= {f"{split}/exit{k}_share": p for k, p in enumerate(result["exit_distribution"], start=1)}
         self.log_dict(metrics, batch_size=1)
 

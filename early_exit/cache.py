@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from early_exit.checkpoint import init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule, normalize
 from early_exit.errors import InputError
@@ -39,19 +40,25 @@ class ExitOutputs:
         """(N, exits) bool: whether each exit's prediction is right."""
         return self.predictions() == self.labels[:, None]
 
+    def probabilities(self) -> Tensor:
+        return self.logits.float().softmax(-1)
+
+    def entropy(self) -> Tensor:
+        """(N, exits) entropy of each exit's softmax, normalised to [0, 1] by its maximum, log(classes)."""
+        probs = self.probabilities()
+        return -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
+
     def features(self) -> Tensor:
         """(N, exits, 4 + exits) agent state at each exit, from what is known by that exit: max softmax
-        probability, top-1/top-2 margin, entropy (normalised to [0, 1]), agreement with the previous
-        exit's prediction (0 at the first exit), and the exit index one-hot."""
-        probs = self.logits.float().softmax(-1)
-        top2 = probs.topk(2, dim=-1).values
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
+        probability, top-1/top-2 margin, normalised entropy, agreement with the previous exit's
+        prediction (0 at the first exit), and the exit index one-hot."""
+        top2 = self.probabilities().topk(2, dim=-1).values
         predictions = self.predictions()
         agrees = torch.zeros_like(top2[..., 0])
         agrees[:, 1:] = (predictions[:, 1:] == predictions[:, :-1]).float()
-        one_hot = torch.eye(self.num_exits).expand(len(probs), -1, -1)
-        return torch.cat([top2[..., :1], top2[..., :1] - top2[..., 1:], entropy[..., None], agrees[..., None],
-                          one_hot], dim=-1)
+        one_hot = torch.eye(self.num_exits).expand(len(top2), -1, -1)
+        return torch.cat([top2[..., :1], top2[..., :1] - top2[..., 1:], self.entropy()[..., None],
+                          agrees[..., None], one_hot], dim=-1)
 
 
 def file_digest(path: Path) -> str:
@@ -62,16 +69,17 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_classifier(path: str | Path) -> EarlyExitClassifier:
-    """A trained classifier from its checkpoint, frozen and in eval mode, or InputError saying why not."""
-    from early_exit.cli import read_checkpoint  # the CLI owns checkpoint validation
-
+def load_classifier(path: str | Path) -> tuple[EarlyExitClassifier, dict]:
+    """A trained classifier, frozen and in eval mode, and the data settings it was trained with;
+    InputError if ``path`` is not an EarlyExitClassifier checkpoint."""
     checkpoint = read_checkpoint(path)
-    if checkpoint["hyper_parameters"]["_class_path"].rsplit(".", 1)[-1] != EarlyExitClassifier.__name__:
+    hparams = checkpoint["hyper_parameters"]
+    if hparams["_class_path"].rsplit(".", 1)[-1] != EarlyExitClassifier.__name__:
         raise InputError(f"{path} is not an EarlyExitClassifier checkpoint: pass one written by "
                          "`eecnn fit --config configs/cifar10.yaml`")
-    classifier = EarlyExitClassifier.load_from_checkpoint(path, map_location="cpu")
-    return classifier.eval().requires_grad_(False)
+    classifier = EarlyExitClassifier(**init_args(hparams))
+    classifier.load_state_dict(checkpoint["state_dict"])
+    return classifier.eval().requires_grad_(False), init_args(checkpoint.get("datamodule_hyper_parameters", {}))
 
 
 @torch.no_grad()
@@ -83,15 +91,16 @@ def run_exits(classifier: EarlyExitClassifier, images: Tensor, labels: Tensor, b
     return ExitOutputs(torch.cat(logits), labels.clone())
 
 
-def exit_cache(classifier_ckpt: str | Path, datamodule: CIFAR10DataModule, cache_dir: str | Path) -> dict[str, ExitOutputs]:
-    """Every split's exit outputs for ``classifier_ckpt``: read from the cache, or computed and cached."""
+def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, datamodule: CIFAR10DataModule,
+               cache_dir: str | Path) -> dict[str, ExitOutputs]:
+    """Every split's exit outputs of ``classifier`` (loaded from ``classifier_ckpt``, whose content hash
+    names the cache file): read from the cache, or computed once and cached."""
     cache_dir = Path(cache_dir)
     path = cache_dir / f"exits-{file_digest(Path(classifier_ckpt))}-val{datamodule.hparams.val_size}" \
                        f"-seed{datamodule.hparams.split_seed}.pt"
     if path.is_file():
         stored = torch.load(path, weights_only=True)
         return {split: ExitOutputs(**stored[split]) for split in SPLITS}
-    classifier = load_classifier(classifier_ckpt)
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("test")

@@ -1,7 +1,6 @@
 """The ``eecnn`` command: LightningCLI over the eecnn models and the CIFAR-10 DataModule."""
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,26 +9,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from early_exit.checkpoint import init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule
 from early_exit.errors import InputError
-
-PACKAGE = "early_exit."
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load an eecnn checkpoint on the CPU, or raise InputError saying why it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist: check --ckpt_path")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises anything from KeyError to UnpicklingError on a non-checkpoint
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
-    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "") if isinstance(checkpoint, dict) else ""
-    if not class_path.startswith(PACKAGE) or "state_dict" not in checkpoint:
-        raise InputError(f"{path} is not an eecnn checkpoint: pass one written by `eecnn fit`")
-    return checkpoint
 
 
 def default_precision() -> str:
@@ -54,11 +37,6 @@ def _option(argv: list[str], name: str) -> str | None:
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__name__}"
-
-
-def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
-    """A class's saved hyper-parameters without the CLI's bookkeeping keys."""
-    return {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
 
 
 class EarlyExitCLI(LightningCLI):
@@ -104,9 +82,9 @@ class EarlyExitCLI(LightningCLI):
             model = checkpoint["hyper_parameters"]
             data = checkpoint.get("datamodule_hyper_parameters")  # None for models that bring their own data
             self._subcommand_parsers[subcommand].set_defaults({
-                "model": {"class_path": model["_class_path"], "init_args": _init_args(model)},
+                "model": {"class_path": model["_class_path"], "init_args": init_args(model)},
                 "data": data and {"class_path": data.get("_class_path", _class_path(CIFAR10DataModule)),
-                                  "init_args": _init_args(data)},
+                                  "init_args": init_args(data)},
             })
         super().parse_arguments(parser, args)
 

@@ -16,8 +16,7 @@ from early_exit.model import EarlyExitCNN
 
 def path_flops(model: EarlyExitCNN) -> Tensor:
     """(exits,) FLOPs per image of answering at exit k through the engine: stages and heads 1..k."""
-    return torch.tensor(model.stage_flops, dtype=torch.float64).cumsum(0) + torch.tensor(
-        model.head_flops, dtype=torch.float64).cumsum(0)
+    return (torch.tensor(model.stage_flops, dtype=torch.float64) + torch.tensor(model.head_flops)).cumsum(0)
 
 
 def first_exit(stop: Tensor) -> Tensor:
@@ -42,11 +41,10 @@ def evaluate_exits(exits: Tensor, outputs: ExitOutputs, costs: Tensor, full_flop
 
 def confidence_scores(outputs: ExitOutputs, kind: str) -> Tensor:
     """(N, exits) scores where higher means "confident enough to stop": max softmax or minus entropy."""
-    probs = outputs.logits.float().softmax(-1)
     if kind == "max_softmax":
-        return probs.max(-1).values
+        return outputs.probabilities().max(-1).values
     if kind == "entropy":
-        return (probs * probs.clamp_min(1e-12).log()).sum(-1)
+        return -outputs.entropy()
     raise ValueError(f"unknown confidence score {kind!r}: use 'max_softmax' or 'entropy'")
 
 
@@ -65,8 +63,7 @@ def tune_thresholds(scores: Tensor, outputs: ExitOutputs, costs: Tensor, full_fl
     correct = outputs.correct()
     best, best_accuracy = thresholds[-1], -1.0  # "never stop early" meets any target <= 0
     for chunk in thresholds.split(512):
-        stop = scores[None, :, :-1] >= chunk[:, None, :]
-        exits = first_exit(torch.cat([stop, torch.ones_like(stop[..., :1])], dim=-1))
+        exits = threshold_exits(scores, chunk)  # (candidates, N)
         saved = 100 * (1 - costs[exits].mean(-1) / full_flops)
         accuracy = correct.gather(1, exits.T).T.double().mean(-1)
         accuracy[saved < min_flops_saved] = -1.0
@@ -77,7 +74,10 @@ def tune_thresholds(scores: Tensor, outputs: ExitOutputs, costs: Tensor, full_fl
 
 
 def threshold_exits(scores: Tensor, thresholds: Tensor) -> Tensor:
-    return first_exit(torch.cat([scores[:, :-1] >= thresholds, torch.ones_like(scores[:, :1], dtype=torch.bool)], 1))
+    """Exits of the rule "stop at the first exit whose score reaches its threshold" for (N, exits)
+    ``scores`` and (..., exits - 1) ``thresholds``: one policy, or a batch of candidate policies."""
+    stop = scores[:, :-1] >= thresholds[..., None, :]
+    return first_exit(torch.cat([stop, torch.ones_like(stop[..., :1])], dim=-1))
 
 
 def oracle_exits(outputs: ExitOutputs) -> Tensor:

@@ -81,8 +81,9 @@ def test_reward_bookkeeping_matches_a_hand_computation():
     env.image[1], env.exit[1] = 1, 1  # put the second episode at exit 2, where it is wrong
     _, _, rewards, _, done = env.step(torch.tensor([EXIT, EXIT]))
     assert rewards.tolist() == pytest.approx([1.0 - 2.0 * 0.3, -3.0 - 2.0 * 0.3])
-    # an episode's return is its outcome minus compute_weight x its total cost: image 0 exiting at 2
-    assert (-2.0 * 0.2) + (1.0 - 2.0 * 0.3) == pytest.approx(1.0 - 2.0 * (0.2 + 0.3))
+    # an episode's return is the sum of its rewards: image 0 exited at exit 2, image 1 at exit 1
+    returns = env.returns(torch.tensor([True, True]), torch.tensor([1, 0]))
+    assert returns.tolist() == pytest.approx([(-2.0 * 0.2) + (1.0 - 2.0 * 0.3), 1.0 - 2.0 * 0.2])
 
 
 def test_the_last_exit_always_exits():
@@ -131,8 +132,9 @@ def test_first_exit_picks_the_first_stop_and_forces_the_last():
 
 def test_second_cache_run_reuses_the_cache_without_running_the_cnn(trained_run, image_folder, tmp_path, monkeypatch):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
+    classifier, _ = load_classifier(ckpt)
     data = CIFAR10DataModule(str(image_folder), download=False, val_size=32)
-    first = exit_cache(ckpt, data, tmp_path)
+    first = exit_cache(classifier, ckpt, data, tmp_path)
     assert first["test"].logits.shape == (48, 2, 4)
     assert len(first["train"].labels) + len(first["val"].labels) == 4 * 48
 
@@ -140,7 +142,7 @@ def test_second_cache_run_reuses_the_cache_without_running_the_cnn(trained_run, 
         raise AssertionError("the CNN ran although the cache exists")
 
     monkeypatch.setattr("early_exit.cache.run_exits", no_cnn)
-    second = exit_cache(ckpt, data, tmp_path)
+    second = exit_cache(classifier, ckpt, data, tmp_path)
     assert torch.equal(first["test"].logits, second["test"].logits)
 
 
