@@ -27,9 +27,10 @@ def make_image_folder(root: Path, train_per_class: int = 48, test_per_class: int
 
 
 def make_archive(folder: Path, archive: Path) -> Path:
+    """A .tar.gz holding ``folder``'s contents at its top level."""
     with tarfile.open(archive, "w:gz") as tar:
-        for split in ("train", "test"):
-            tar.add(folder / split, arcname=split)
+        for child in sorted(folder.iterdir()):
+            tar.add(child, arcname=child.name)
     return archive
 
 

@@ -91,17 +91,9 @@ def test_folder_without_train_and_test_is_reported(tmp_path):
     (tmp_path / "images" / "cat").mkdir(parents=True)
     with pytest.raises(InputError, match="no train/ and test/"):
         setup_fit(tmp_path / "images" / "cat")
-    archive = tmp_path / "flat.tar.gz"
-    make_archive_of(tmp_path / "images", archive)
+    archive = make_archive(tmp_path / "images", tmp_path / "flat.tar.gz")
     with pytest.raises(InputError, match="no train/ and test/"):
         setup_fit(archive)
-
-
-def make_archive_of(folder, archive):
-    import tarfile
-
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname=".")
 
 
 def test_class_folders_differing_between_splits_are_reported(tmp_path):
