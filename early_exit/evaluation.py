@@ -50,10 +50,11 @@ def confidence_scores(outputs: ExitOutputs, kind: str) -> Tensor:
 
 def tune_thresholds(scores: Tensor, outputs: ExitOutputs, costs: Tensor, full_flops: float,
                     min_flops_saved: float, grid: int = 16) -> Tensor:
-    """Per-exit thresholds that maximise accuracy on ``outputs`` while saving at least ``min_flops_saved`` %.
+    """Per-exit thresholds that maximise accuracy on ``outputs`` while saving at least ``min_flops_saved`` %
+    (or, if no thresholds save that much, the ones that save the most).
 
     Searches every combination of per-exit score quantiles (``grid`` per exit, plus "never stop"),
-    all evaluated as one batch of tensor ops.
+    evaluated as batches of tensor ops.
     """
     quantiles = torch.linspace(0, 1, grid + 1, dtype=scores.dtype)
     never = torch.full((1,), float("inf"), dtype=scores.dtype)
@@ -61,16 +62,16 @@ def tune_thresholds(scores: Tensor, outputs: ExitOutputs, costs: Tensor, full_fl
     candidates = torch.tensor(list(itertools.product(*[range(len(o)) for o in options])))
     thresholds = torch.stack([options[k][candidates[:, k]] for k in range(len(options))], dim=1)
     correct = outputs.correct()
-    best, best_accuracy = thresholds[-1], -1.0  # "never stop early" meets any target <= 0
+    accuracy, saved = [], []
     for chunk in thresholds.split(512):
         exits = threshold_exits(scores, chunk)  # (candidates, N)
-        saved = 100 * (1 - costs[exits].mean(-1) / full_flops)
-        accuracy = correct.gather(1, exits.T).T.double().mean(-1)
-        accuracy[saved < min_flops_saved] = -1.0
-        i = int(accuracy.argmax())
-        if accuracy[i] > best_accuracy:
-            best, best_accuracy = chunk[i], float(accuracy[i])
-    return best
+        saved.append(100 * (1 - costs[exits].mean(-1) / full_flops))
+        accuracy.append(correct.gather(1, exits.T).T.double().mean(-1))
+    accuracy, saved = torch.cat(accuracy), torch.cat(saved)
+    feasible = saved >= min_flops_saved
+    if not feasible.any():
+        return thresholds[saved.argmax()]
+    return thresholds[torch.where(feasible, accuracy, -1.0).argmax()]
 
 
 def threshold_exits(scores: Tensor, thresholds: Tensor) -> Tensor:
