@@ -72,7 +72,7 @@ def file_digest(path: Path) -> str:
 def load_classifier(path: str | Path) -> tuple[EarlyExitClassifier, dict]:
     """A trained classifier, frozen and in eval mode, and the data settings it was trained with;
     InputError if ``path`` is not an EarlyExitClassifier checkpoint."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, option="--model.classifier_ckpt")
     hparams = checkpoint["hyper_parameters"]
     if hparams["_class_path"].rsplit(".", 1)[-1] != EarlyExitClassifier.__name__:
         raise InputError(f"{path} is not an EarlyExitClassifier checkpoint: pass one written by "

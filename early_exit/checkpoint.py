@@ -10,18 +10,19 @@ from early_exit.errors import InputError
 PACKAGE = "early_exit."
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load an eecnn checkpoint on the CPU, or raise InputError saying why it is not one."""
+def read_checkpoint(path: str | Path, option: str = "--ckpt_path") -> dict[str, Any]:
+    """Load an eecnn checkpoint on the CPU, or raise InputError saying why it is not one (and which
+    command-line ``option`` to fix)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist: check --ckpt_path")
+        raise InputError(f"checkpoint {path} does not exist: check {option}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises anything from KeyError to UnpicklingError on a non-checkpoint
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}): check {option}") from None
     class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "") if isinstance(checkpoint, dict) else ""
     if not class_path.startswith(PACKAGE) or "state_dict" not in checkpoint:
-        raise InputError(f"{path} is not an eecnn checkpoint: pass one written by `eecnn fit`")
+        raise InputError(f"{path} is not an eecnn checkpoint: pass one written by `eecnn fit` to {option}")
     return checkpoint
 
 
