@@ -21,6 +21,10 @@ class EarlyExitClassifier(L.LightningModule):
     given, the weights move linearly to it over the run (the seed shifts weight from early to late
     exits). Both are normalised to sum to one, so the loss scale does not depend on them.
     The learning rate follows ``lr_schedule`` per step, peaking at the optimiser's ``lr``.
+
+    With ``distillation_weight`` > 0 the final exit also teaches the earlier ones during training:
+    each early exit's loss mixes in the KL divergence to the final exit's (detached) softened
+    prediction, because the early exits' accuracy is what any compute saving is made of.
     """
 
     def __init__(
@@ -33,6 +37,8 @@ class EarlyExitClassifier(L.LightningModule):
         exit_weights: Sequence[float] | None = None,
         final_exit_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        distillation_weight: float = 0.0,
+        distillation_temperature: float = 4.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
         warmup_fraction: float = 0.15,
@@ -47,6 +53,8 @@ class EarlyExitClassifier(L.LightningModule):
         for name, weights in (("exit_weights", exit_weights), ("final_exit_weights", final_exit_weights)):
             if weights is not None and (len(weights) != n or min(weights) < 0 or sum(weights) <= 0):
                 raise ValueError(f"{name} needs {n} non-negative weights with a positive sum, got {list(weights)}")
+        if not 0 <= distillation_weight <= 1 or distillation_temperature <= 0:
+            raise ValueError("distillation_weight must lie in [0, 1] and distillation_temperature be positive")
         self.optimizer = optimizer
         self.accuracy = nn.ModuleDict(
             {split: nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(n))
@@ -66,12 +74,26 @@ class EarlyExitClassifier(L.LightningModule):
             start = torch.lerp(start, torch.tensor(end, dtype=torch.float32), progress)
         return start / start.sum()
 
+    def exit_losses(self, exit_logits: list[Tensor], labels: Tensor) -> Tensor:
+        """Training loss per exit: label-smoothed cross-entropy, distilled from the final exit."""
+        logits = [z.float() for z in exit_logits]
+        losses = torch.stack([F.cross_entropy(z, labels, label_smoothing=self.hparams.label_smoothing)
+                              for z in logits])
+        alpha, t = self.hparams.distillation_weight, self.hparams.distillation_temperature
+        if alpha == 0:
+            return losses
+        teacher = (logits[-1].detach() / t).log_softmax(-1)
+        kl = torch.stack([F.kl_div((z / t).log_softmax(-1), teacher, log_target=True, reduction="batchmean")
+                          for z in logits[:-1]]) * t * t
+        return torch.cat([(1 - alpha) * losses[:-1] + alpha * kl, losses[-1:]])
+
     def _shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         images, labels = batch
-        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
         exit_logits = self(images)
-        losses = torch.stack([F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-                              for logits in exit_logits])
+        if split == "train":
+            losses = self.exit_losses(exit_logits, labels)
+        else:  # plain cross-entropy, comparable across recipes
+            losses = torch.stack([F.cross_entropy(logits.float(), labels) for logits in exit_logits])
         weights = self.current_exit_weights().to(losses.device)
         loss = (weights * losses).sum()
         training = split == "train"

@@ -43,3 +43,15 @@ def test_predict_returns_class_and_confidence_per_exit():
     out = model.predict_step((torch.randn(5, 3, 32, 32), torch.zeros(5)), 0)
     assert out["prediction"].shape == out["confidence"].shape == (5, 3)
     assert ((out["confidence"] > 0.25) & (out["confidence"] <= 1)).all()
+
+
+def test_distillation_pulls_early_exits_towards_the_final_exit_only():
+    model = EarlyExitClassifier(num_classes=4, num_stages=3, width=0.125, distillation_weight=1.0)
+    labels = torch.tensor([0, 1, 2])
+    final = torch.randn(3, 4, requires_grad=True)
+    agreeing = final.detach().clone().requires_grad_()
+    disagreeing = (-final.detach()).requires_grad_()
+    losses = model.exit_losses([agreeing, disagreeing, final], labels)
+    assert losses[0].abs() < 1e-6 < losses[1]  # loss is the divergence from the final exit, not the labels
+    losses[:2].sum().backward()
+    assert final.grad is None or not final.grad.any()  # the teacher is not pulled towards its students
