@@ -5,21 +5,40 @@ It never runs the CNN while training: episodes replay the frozen classifier's ca
 """
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from early_exit.cache import ExitOutputs, exit_cache, load_classifier
+from early_exit.cache import SPLITS, ExitOutputs, exit_cache, load_classifier, normalized_entropy
+from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule
+from early_exit.engine import EarlyExitEngine
 from early_exit.errors import InputError
-from early_exit.evaluation import evaluate_exits, first_exit, path_flops
+from early_exit.evaluation import baselines, evaluate_exits, path_flops, policy_exits
 from early_exit.model import EarlyExitCNN
+from early_exit.report import classifier_run, evaluate_engine, flatten, report_figures, save_report, summary_table
 
 CONTINUE, EXIT = 0, 1
 NUM_CONFIDENCE_FEATURES = 4  # max prob, margin, entropy, agreement; then the exit one-hot
+
+
+def exit_states(logits: Tensor, num_exits: int) -> Tensor:
+    """(N, k, 4 + num_exits) agent state at each of the k exits in (N, k, classes) ``logits``, from what is
+    known by that exit: max softmax probability, top-1/top-2 margin, normalised entropy, agreement with
+    the previous exit's prediction (0 at the first exit), and the exit index one-hot."""
+    logits = logits.float()
+    top2 = logits.softmax(-1).topk(2, dim=-1).values
+    predictions = logits.argmax(-1)
+    agrees = torch.zeros_like(top2[..., 0])
+    agrees[:, 1:] = (predictions[:, 1:] == predictions[:, :-1]).float()
+    one_hot = torch.eye(num_exits, device=logits.device)[:logits.shape[1]].expand(len(logits), -1, -1)
+    return torch.cat([top2[..., :1], top2[..., :1] - top2[..., 1:], normalized_entropy(logits)[..., None],
+                      agrees[..., None], one_hot], dim=-1)
 
 
 class ExitEnvironment:
@@ -128,43 +147,68 @@ class ExitAgent(L.LightningModule):
         self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.buffer = ReplayBuffer(replay_size, state_dim)
         self.outputs: dict[str, ExitOutputs] = {}
+        self.engine: EarlyExitEngine | None = None
         self.env_steps = 0
 
     def setup(self, stage: str) -> None:
-        if self.outputs:
-            return
-        classifier, data = load_classifier(self.hparams.classifier_ckpt)
+        needs_engine, needs_outputs = stage in ("test", "predict"), stage != "predict"  # predict runs no cache
+        if (needs_engine and self.engine is None) or (needs_outputs and not self.outputs):
+            classifier = self.load_classifier()
+            if needs_outputs and not self.outputs:
+                splits = ("val", "test") if stage == "test" else SPLITS
+                self.attach(exit_cache(classifier, self.hparams.classifier_ckpt, self.data, self.hparams.cache_dir,
+                                       splits), classifier.model)
+        if stage == "test":
+            self.data.prepare_data()
+            self.data.setup("test")
+
+    def load_classifier(self) -> EarlyExitClassifier:
+        """The frozen classifier this agent decides for; sets its data, class names and the engine that runs
+        the classifier's CNN with this agent as its policy."""
+        classifier, data, self.classes = load_classifier(self.hparams.classifier_ckpt)
         if classifier.model.num_exits != self.hparams.num_exits:
             raise InputError(f"{self.hparams.classifier_ckpt} has {classifier.model.num_exits} exits but the agent "
                              f"is built for {self.hparams.num_exits}: set --model.num_exits "
                              f"{classifier.model.num_exits} or pass a matching classifier")
         if self.hparams.data_dir is not None:
             data["data_dir"] = self.hparams.data_dir
-        outputs = exit_cache(classifier, self.hparams.classifier_ckpt, CIFAR10DataModule(**data),
-                             self.hparams.cache_dir)
-        self.attach(outputs, classifier.model)
+        self.data = CIFAR10DataModule(**data)
+        self.engine = EarlyExitEngine(classifier.model, self)  # a plain object: the CNN stays out of our checkpoints
+        return classifier
 
     def attach(self, outputs: dict[str, ExitOutputs], model: EarlyExitCNN) -> None:
-        """Train and evaluate on these cached exit outputs of ``model`` (whose FLOPs set the costs)."""
+        """Train on the "train" split and evaluate on these cached exit outputs of ``model`` (whose FLOPs set
+        the costs)."""
         self.outputs = outputs
         self.costs = path_flops(model)  # per image, answering at exit k through the engine
         self.full_flops = float(model.exit_flops[-1])
         step_costs = self.costs.diff(prepend=self.costs.new_zeros(1)) / self.full_flops
-        self.features = {split: out.features() for split, out in outputs.items()}
-        self.env = ExitEnvironment(self.features["train"], outputs["train"].correct(), step_costs,
-                                   self.hparams.compute_weight, self.hparams.reward_correct,
+        episodes = outputs.get("train", next(iter(outputs.values())))  # without "train" only its rewards are used
+        self.env = ExitEnvironment(exit_states(episodes.logits, self.hparams.num_exits), episodes.correct(),
+                                   step_costs, self.hparams.compute_weight, self.hparams.reward_correct,
                                    self.hparams.reward_wrong, self.hparams.num_envs)
+
+    def on_test_start(self) -> None:
+        self.engine.model.to(self.device)
+
+    def on_predict_start(self) -> None:
+        self.engine.model.to(self.device)
 
     def epsilon(self) -> float:
         h = self.hparams
         progress = min(1.0, self.env_steps / max(1, h.epsilon_decay_steps))
         return h.epsilon_start + progress * (h.epsilon_end - h.epsilon_start)
 
-    def greedy_exits(self, features: Tensor) -> Tensor:
-        """(N,) 0-based exit the greedy policy takes for (N, exits, state) features."""
+    def forward(self, logits: Tensor) -> Tensor:
+        """The greedy policy, as the engine asks it: for (n, k, classes) logits of the exits passed so far,
+        whether each image stops at exit k."""
         with torch.no_grad():
-            q = self.q_net(features.to(self.device))
-        return first_exit(q[..., EXIT] >= q[..., CONTINUE]).cpu()
+            q = self.q_net(exit_states(logits.to(self.device), self.hparams.num_exits)[:, -1])
+        return q[:, EXIT] >= q[:, CONTINUE]
+
+    def greedy_exits(self, outputs: ExitOutputs) -> Tensor:
+        """(N,) 0-based exit the greedy policy takes on cached exit outputs."""
+        return policy_exits(self, outputs.logits.to(self.device)).cpu()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         h = self.hparams
@@ -196,8 +240,7 @@ class ExitAgent(L.LightningModule):
             self.target_net.load_state_dict(self.q_net.state_dict())
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
 
-    def _evaluate(self, split: str) -> None:
-        exits = self.greedy_exits(self.features[split])
+    def _log_policy(self, split: str, exits: Tensor) -> None:
         result = evaluate_exits(exits, self.outputs[split], self.costs, self.full_flops)
         right = self.outputs[split].correct().gather(1, exits[:, None]).squeeze(1)
         metrics = {f"{split}/acc": result["accuracy"] / 100, f"{split}/flops_saved_pct": result["flops_saved_pct"],
@@ -206,10 +249,26 @@ class ExitAgent(L.LightningModule):
         self.log_dict(metrics, batch_size=1)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._evaluate("val")
+        self._log_policy("val", self.greedy_exits(self.outputs["val"]))
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._evaluate("test")
+        """The test split through the early-exit engine: report.json, plots and TensorBoard in the run's folder."""
+        images, _ = self.data.datasets["test"].tensors
+        test = self.outputs["test"]
+        others = baselines(self.outputs["val"], test, self.costs, self.full_flops)
+        result, report = evaluate_engine(self.engine, images, test, self.data.classes, others)
+        self._log_policy("test", result.exit.cpu())
+        if not self.trainer.is_global_zero:
+            return
+        figures = report_figures(report, test, classifier_run(self.hparams.classifier_ckpt))
+        if self.logger is not None:
+            self.logger.log_metrics({f"report/{k}": v for k, v in flatten(report).items()}, step=self.global_step)
+            if isinstance(self.logger, TensorBoardLogger):
+                for name, figure in figures.items():
+                    self.logger.experiment.add_figure(f"report/{name}", figure, close=False)
+        folder = Path(self.trainer.log_dir)
+        save_report(report, figures, folder)
+        print(f"{summary_table(report)}\nwrote {folder / 'report.json'} and {len(figures)} plots beside it")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(range(self.hparams.steps_per_epoch), batch_size=None)

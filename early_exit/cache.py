@@ -16,7 +16,7 @@ from torch import Tensor
 
 from early_exit.checkpoint import init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
-from early_exit.data import CIFAR10DataModule, normalize
+from early_exit.data import CIFAR10_CLASSES, CIFAR10DataModule, normalize
 from early_exit.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -40,25 +40,11 @@ class ExitOutputs:
         """(N, exits) bool: whether each exit's prediction is right."""
         return self.predictions() == self.labels[:, None]
 
-    def probabilities(self) -> Tensor:
-        return self.logits.float().softmax(-1)
 
-    def entropy(self) -> Tensor:
-        """(N, exits) entropy of each exit's softmax, normalised to [0, 1] by its maximum, log(classes)."""
-        probs = self.probabilities()
-        return -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
-
-    def features(self) -> Tensor:
-        """(N, exits, 4 + exits) agent state at each exit, from what is known by that exit: max softmax
-        probability, top-1/top-2 margin, normalised entropy, agreement with the previous exit's
-        prediction (0 at the first exit), and the exit index one-hot."""
-        top2 = self.probabilities().topk(2, dim=-1).values
-        predictions = self.predictions()
-        agrees = torch.zeros_like(top2[..., 0])
-        agrees[:, 1:] = (predictions[:, 1:] == predictions[:, :-1]).float()
-        one_hot = torch.eye(self.num_exits).expand(len(top2), -1, -1)
-        return torch.cat([top2[..., :1], top2[..., :1] - top2[..., 1:], self.entropy()[..., None],
-                          agrees[..., None], one_hot], dim=-1)
+def normalized_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the softmax over the last dimension, divided by its maximum, log(classes): in [0, 1]."""
+    probs = logits.float().softmax(-1)
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
 
 
 def file_digest(path: Path) -> str:
@@ -69,9 +55,9 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_classifier(path: str | Path) -> tuple[EarlyExitClassifier, dict]:
-    """A trained classifier, frozen and in eval mode, and the data settings it was trained with;
-    InputError if ``path`` is not an EarlyExitClassifier checkpoint."""
+def load_classifier(path: str | Path) -> tuple[EarlyExitClassifier, dict, list[str]]:
+    """A trained classifier, frozen and in eval mode, the data settings it was trained with and its class
+    names; InputError if ``path`` is not an EarlyExitClassifier checkpoint."""
     checkpoint = read_checkpoint(path, option="--model.classifier_ckpt")
     hparams = checkpoint["hyper_parameters"]
     if hparams["_class_path"].rsplit(".", 1)[-1] != EarlyExitClassifier.__name__:
@@ -79,7 +65,11 @@ def load_classifier(path: str | Path) -> tuple[EarlyExitClassifier, dict]:
                          "`eecnn fit --config configs/cifar10.yaml`")
     classifier = EarlyExitClassifier(**init_args(hparams))
     classifier.load_state_dict(checkpoint["state_dict"])
-    return classifier.eval().requires_grad_(False), init_args(checkpoint.get("datamodule_hyper_parameters", {}))
+    num_classes = classifier.hparams.num_classes
+    classes = checkpoint.get(CIFAR10DataModule.__qualname__, {}).get("classes") or \
+        (list(CIFAR10_CLASSES) if num_classes == len(CIFAR10_CLASSES) else [str(c) for c in range(num_classes)])
+    data = init_args(checkpoint.get("datamodule_hyper_parameters", {}))
+    return classifier.eval().requires_grad_(False), data, classes
 
 
 @torch.no_grad()
@@ -92,21 +82,22 @@ def run_exits(classifier: EarlyExitClassifier, images: Tensor, labels: Tensor, b
 
 
 def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, datamodule: CIFAR10DataModule,
-               cache_dir: str | Path) -> dict[str, ExitOutputs]:
-    """Every split's exit outputs of ``classifier`` (loaded from ``classifier_ckpt``, whose content hash
-    names the cache file): read from the cache, or computed once and cached."""
+               cache_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> dict[str, ExitOutputs]:
+    """The exit outputs of ``classifier`` (loaded from ``classifier_ckpt``, whose content hash names the
+    cache files) on ``splits``: read from the cache, or computed once per split and cached."""
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"exits-{file_digest(Path(classifier_ckpt))}-val{datamodule.hparams.val_size}" \
-                       f"-seed{datamodule.hparams.split_seed}.pt"
-    if path.is_file():
-        stored = torch.load(path, weights_only=True)
-        return {split: ExitOutputs(**stored[split]) for split in SPLITS}
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    datamodule.setup("test")
-    outputs = {split: run_exits(classifier, *datamodule.datasets[split].tensors) for split in SPLITS}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
-        torch.save({split: vars(out) for split, out in outputs.items()}, tmp)
-    os.replace(tmp.name, path)
-    return outputs
+    stem = f"exits-{file_digest(Path(classifier_ckpt))}-val{datamodule.hparams.val_size}" \
+           f"-seed{datamodule.hparams.split_seed}"
+    paths = {split: cache_dir / f"{stem}-{split}.pt" for split in splits}
+    missing = [split for split in splits if not paths[split].is_file()]
+    if missing:
+        datamodule.prepare_data()
+        for stage in {"test" if split == "test" else "fit" for split in missing}:
+            datamodule.setup(stage)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    for split in missing:
+        outputs = run_exits(classifier, *datamodule.datasets[split].tensors)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
+            torch.save(vars(outputs), tmp)
+        os.replace(tmp.name, paths[split])
+    return {split: ExitOutputs(**torch.load(paths[split], weights_only=True)) for split in splits}

@@ -24,6 +24,7 @@ from early_exit.errors import InputError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SIZE = 32
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -217,6 +218,13 @@ class CIFAR10DataModule(L.LightningDataModule):
             self.datasets["val"] = TensorDataset(images[val], labels[val])
         if stage in ("test", "predict") and "test" not in self.datasets:
             self.datasets["test"] = TensorDataset(*self.read_split("test"))
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints, so predictions can be named without the data."""
+        return {"classes": self.classes}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.classes = state_dict["classes"]
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         workers = self.hparams.num_workers

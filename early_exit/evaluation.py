@@ -6,11 +6,12 @@ exit k: stages 1..k and heads 1..k, relative to the plain network (all stages, f
 """
 
 import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from early_exit.cache import ExitOutputs
+from early_exit.cache import ExitOutputs, normalized_entropy
 from early_exit.model import EarlyExitCNN
 
 
@@ -39,13 +40,34 @@ def evaluate_exits(exits: Tensor, outputs: ExitOutputs, costs: Tensor, full_flop
     }
 
 
-def confidence_scores(outputs: ExitOutputs, kind: str) -> Tensor:
-    """(N, exits) scores where higher means "confident enough to stop": max softmax or minus entropy."""
+def confidence_scores(logits: Tensor, kind: str) -> Tensor:
+    """(N, exits) scores for (N, exits, classes) logits, higher meaning "confident enough to stop":
+    max softmax or minus normalised entropy."""
     if kind == "max_softmax":
-        return outputs.probabilities().max(-1).values
+        return logits.float().softmax(-1).max(-1).values
     if kind == "entropy":
-        return -outputs.entropy()
+        return -normalized_entropy(logits)
     raise ValueError(f"unknown confidence score {kind!r}: use 'max_softmax' or 'entropy'")
+
+
+def policy_exits(policy: Callable[[Tensor], Tensor], logits: Tensor) -> Tensor:
+    """(N,) exits an engine policy takes, computed from all exits' (N, exits, classes) logits at once:
+    what the early-exit engine must reproduce while computing only the exits it reaches."""
+    stop = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    for k in range(logits.shape[1] - 1):
+        stop[:, k] = policy(logits[:, :k + 1])
+    return first_exit(stop)
+
+
+class ThresholdPolicy:
+    """Stop at the first exit whose confidence score reaches that exit's threshold, as an engine policy."""
+
+    def __init__(self, thresholds: Sequence[float], kind: str = "max_softmax") -> None:
+        self.thresholds, self.kind = torch.as_tensor(thresholds, dtype=torch.float32), kind
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        score = confidence_scores(logits[:, -1:], self.kind)[:, 0]
+        return score >= self.thresholds[logits.shape[1] - 1].to(score.device)
 
 
 def tune_thresholds(scores: Tensor, outputs: ExitOutputs, costs: Tensor, full_flops: float,
@@ -93,7 +115,7 @@ def baselines(val: ExitOutputs, test: ExitOutputs, costs: Tensor, full_flops: fl
                for k in range(test.num_exits)]
     results.append({"name": "oracle", **evaluate_exits(oracle_exits(test), test, costs, full_flops)})
     for kind in ("max_softmax", "entropy"):
-        val_scores, test_scores = confidence_scores(val, kind), confidence_scores(test, kind)
+        val_scores, test_scores = confidence_scores(val.logits, kind), confidence_scores(test.logits, kind)
         for target in targets:
             thresholds = tune_thresholds(val_scores, val, costs, full_flops, target)
             exits = threshold_exits(test_scores, thresholds)

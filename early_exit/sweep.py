@@ -9,21 +9,15 @@ tuned on the validation split to the FLOPs saving each agent reached there, and 
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from early_exit.agent import ExitAgent  # noqa: E402
-from early_exit.cli import EarlyExitCLI  # noqa: E402
-from early_exit.errors import InputError  # noqa: E402
-from early_exit.evaluation import baselines, evaluate_exits  # noqa: E402
+from early_exit.agent import ExitAgent
+from early_exit.cli import EarlyExitCLI
+from early_exit.errors import InputError
+from early_exit.evaluation import baselines, evaluate_exits
+from early_exit.report import plot_tradeoff, save_figure, write_text
 
 AGENT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "agent.yaml"
 
@@ -39,7 +33,7 @@ def train_agent(classifier_ckpt: str, compute_weight: float, config: Path, extra
     best = cli.trainer.checkpoint_callback.best_model_path
     agent = ExitAgent.load_from_checkpoint(best, map_location="cpu")
     agent.setup("test")  # reads the exit cache: no CNN runs
-    val, test = (evaluate_exits(agent.greedy_exits(agent.features[split]), agent.outputs[split], agent.costs,
+    val, test = (evaluate_exits(agent.greedy_exits(agent.outputs[split]), agent.outputs[split], agent.costs,
                                 agent.full_flops) for split in ("val", "test"))
     row = {"name": f"agent, compute_weight {compute_weight:g}", "compute_weight": compute_weight, **test,
            "val_flops_saved_pct": val["flops_saved_pct"], "train_seconds": seconds,
@@ -48,43 +42,12 @@ def train_agent(classifier_ckpt: str, compute_weight: float, config: Path, extra
     return row, agent
 
 
-def write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| policy | test accuracy (%) | FLOPs saved (%) | exit shares (%) |", "|---|---:|---:|---|"]
     for row in rows:
         shares = " / ".join(f"{100 * p:.1f}" for p in row["exit_distribution"])
         lines.append(f"| {row['name']} | {row['accuracy']:.2f} | {row['flops_saved_pct']:.1f} | {shares} |")
     return "\n".join(lines) + "\n"
-
-
-def plot(agents: list[dict], others: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for kind, style in (("max_softmax", "s--"), ("entropy", "^:")):
-        points = sorted((r["flops_saved_pct"], r["accuracy"]) for r in others if r["name"].startswith(kind))
-        ax.plot(*zip(*points), style, label=f"{kind.replace('_', '-')} thresholds (tuned on val)", alpha=0.8)
-    fixed = [r for r in others if r["name"].startswith("always")]
-    ax.plot([r["flops_saved_pct"] for r in fixed], [r["accuracy"] for r in fixed], "kx", label="always exit k")
-    oracle = next(r for r in others if r["name"] == "oracle")
-    ax.plot(oracle["flops_saved_pct"], oracle["accuracy"], "g*", markersize=12, label="oracle (upper bound)")
-    points = sorted((r["flops_saved_pct"], r["accuracy"], r["compute_weight"]) for r in agents)
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="C3", linewidth=2, label="DQN exit agent")
-    for saved, accuracy, weight in points:
-        ax.annotate(f"λ={weight:g}", (saved, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("FLOPs saved vs. the full network (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs. compute on the CIFAR-10 test split")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=120)
-    os.replace(tmp.name, path)
-    plt.close(fig)
 
 
 def run(classifier_ckpt: str, compute_weights: list[float], output: Path, config: Path, extra: list[str]) -> list[dict]:
@@ -96,9 +59,10 @@ def run(classifier_ckpt: str, compute_weights: list[float], output: Path, config
     others = baselines(agent.outputs["val"], agent.outputs["test"], agent.costs, agent.full_flops, tuple(targets))
     rows = agents + others
     output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / "sweep.json", json.dumps(rows, indent=2) + "\n")
-    write_atomic(output / "sweep.md", markdown_table(rows))
-    plot(agents, others, output / "sweep.png")
+    write_text(output / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    write_text(output / "sweep.md", markdown_table(rows))
+    points = [(f"λ={a['compute_weight']:g}", a["flops_saved_pct"], a["accuracy"]) for a in agents]
+    save_figure(plot_tradeoff(points, others), output / "sweep.png")
     return rows
 
 

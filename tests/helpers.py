@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from early_exit.report import read_scalars
 
 
 def tiny_fit_args(data_dir: Path, epochs: int = 5) -> list[str]:
@@ -19,6 +19,4 @@ def tiny_fit_args(data_dir: Path, epochs: int = 5) -> list[str]:
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     """Every scalar tag in a run's TensorBoard event files, with its values in step order."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: values for tag, (_, values) in read_scalars(run_dir).items()}

@@ -35,7 +35,7 @@ def train_agent(outputs: ExitOutputs, compute_weight: float = 0.5) -> ExitAgent:
 
 
 def exits_of(agent: ExitAgent, outputs: ExitOutputs) -> torch.Tensor:
-    return agent.greedy_exits(outputs.features())
+    return agent.greedy_exits(outputs)
 
 
 def test_exits_at_the_first_exit_when_it_is_always_right():
@@ -132,7 +132,7 @@ def test_first_exit_picks_the_first_stop_and_forces_the_last():
 
 def test_second_cache_run_reuses_the_cache_without_running_the_cnn(trained_run, image_folder, tmp_path, monkeypatch):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    classifier, _ = load_classifier(ckpt)
+    classifier, _, _ = load_classifier(ckpt)
     data = CIFAR10DataModule(str(image_folder), download=False, val_size=32)
     first = exit_cache(classifier, ckpt, data, tmp_path)
     assert first["test"].logits.shape == (48, 2, 4)

@@ -38,7 +38,7 @@ def test_flops_saved_recomputes_from_the_exit_distribution():
 
 def test_tuned_thresholds_meet_their_flops_target():
     out = outputs()
-    scores = confidence_scores(out, "max_softmax")
+    scores = confidence_scores(out.logits, "max_softmax")
     for target in (20.0, 40.0, 60.0):
         result = evaluate_exits(threshold_exits(scores, tune_thresholds(scores, out, COSTS, FULL, target)),
                                 out, COSTS, FULL)
@@ -47,7 +47,7 @@ def test_tuned_thresholds_meet_their_flops_target():
 
 def test_an_unreachable_target_gives_the_thresholds_that_save_the_most():
     out = outputs()
-    scores = confidence_scores(out, "entropy")
+    scores = confidence_scores(out.logits, "entropy")
     exits = threshold_exits(scores, tune_thresholds(scores, out, COSTS, FULL, min_flops_saved=99.0))
     assert (exits == 0).all()  # always exit 1: the cheapest policy there is
 

@@ -24,7 +24,7 @@ def test_sweep_writes_a_table_and_plot_measured_by_the_shared_evaluation(trained
     for row in rows[:2]:  # the table's agent figures are the shared evaluation of the saved greedy policy
         agent = ExitAgent.load_from_checkpoint(row["checkpoint"], map_location="cpu")
         agent.setup("test")
-        expected = evaluate_exits(agent.greedy_exits(agent.features["test"]), agent.outputs["test"], agent.costs,
+        expected = evaluate_exits(agent.greedy_exits(agent.outputs["test"]), agent.outputs["test"], agent.costs,
                                   agent.full_flops)
         assert row["accuracy"] == expected["accuracy"] and row["flops_saved_pct"] == expected["flops_saved_pct"]
         assert row["env_steps_per_s"] > 0 and row["updates_per_s"] > 0

@@ -1,0 +1,90 @@
+"""Early-exit inference that really stops computing: each stage runs only on the images still going.
+
+A policy sees, for the images still running, the logits of the exits they have passed, (n, k, classes),
+and answers per image whether to stop at exit k. The agent and the threshold rules are such policies;
+``evaluation.policy_exits`` applies the same policy to precomputed all-exit logits.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from early_exit.evaluation import path_flops
+from early_exit.model import EarlyExitCNN
+
+ExitPolicy = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class EarlyExitResult:
+    """Per image: predicted class, its softmax confidence, the 0-based exit taken and the FLOPs spent."""
+
+    prediction: Tensor
+    confidence: Tensor
+    exit: Tensor
+    flops: Tensor
+
+
+class EarlyExitEngine:
+    """Runs a batch through ``model`` stage by stage; after exit k the policy decides which images stop,
+    and stage k + 1 runs only on the rest. Images are the model's normalised float input."""
+
+    def __init__(self, model: EarlyExitCNN, policy: ExitPolicy) -> None:
+        self.model = model.eval()
+        self.policy = policy
+        self.costs = path_flops(model)  # FLOPs per image of answering at exit k, as this engine spends them
+        self.full_flops = float(model.exit_flops[-1])
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        parameter = next(self.model.parameters())
+        images = images.to(parameter.device)
+        return images.contiguous(memory_format=torch.channels_last) if parameter.dim() == 4 and \
+            parameter.is_contiguous(memory_format=torch.channels_last) else images
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> EarlyExitResult:
+        x = self._prepare(images)
+        n, last = len(x), self.model.num_exits - 1
+        exits = torch.full((n,), last, dtype=torch.long, device=x.device)
+        running = torch.arange(n, device=x.device)
+        seen = answer = None  # seen: (images still running, exits passed, classes)
+        for k, (stage, head) in enumerate(zip(self.model.stages, self.model.exits)):
+            x = stage(x)
+            current = head(x).float()[:, None]
+            if seen is None:
+                seen, answer = current, current.new_empty(n, current.shape[-1])
+            else:
+                seen = torch.cat([seen, current], dim=1)
+            stop = torch.ones(len(x), dtype=torch.bool, device=x.device) if k == last else self.policy(seen)
+            exits[running[stop]] = k
+            answer[running[stop]] = seen[stop, -1]
+            keep = ~stop
+            if not keep.any():
+                break
+            running, x, seen = running[keep], x[keep], seen[keep]
+        confidence, prediction = answer.softmax(-1).max(-1)
+        return EarlyExitResult(prediction, confidence, exits, self.costs.to(x.device)[exits])
+
+    @torch.inference_mode()
+    def full_network(self, images: Tensor) -> Tensor:
+        """The plain network's logits: every stage and the final head only, the cost early exits save on."""
+        x = self._prepare(images)
+        for stage in self.model.stages:
+            x = stage(x)
+        return self.model.exits[-1](x)
+
+
+def images_per_second(fn: Callable[[Tensor], object], images: Tensor, batch_size: int) -> float:
+    """Throughput of ``fn`` over ``images`` in batches, after one warm-up batch, synchronising CUDA."""
+    batches = images.split(batch_size)
+    fn(batches[0])
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for batch in batches:
+        fn(batch)
+    sync()
+    return len(images) / (time.perf_counter() - start)
