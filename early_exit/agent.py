@@ -270,6 +270,11 @@ class ExitAgent(L.LightningModule):
         save_report(report, figures, folder)
         print(f"{summary_table(report)}\nwrote {folder / 'report.json'} and {len(figures)} plots beside it")
 
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Normalised images (and their indices) through the early-exit engine."""
+        images, index = batch
+        return {"index": index, **vars(self.engine(images))}
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(range(self.hparams.steps_per_epoch), batch_size=None)
 

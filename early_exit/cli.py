@@ -9,10 +9,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from early_exit.agent import ExitAgent
 from early_exit.checkpoint import init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
-from early_exit.data import CIFAR10DataModule
+from early_exit.data import CIFAR10DataModule, ImageFilesDataModule
 from early_exit.errors import InputError
+from early_exit.inference import PredictionTable
 
 
 def default_precision() -> str:
@@ -72,6 +74,34 @@ class EarlyExitCLI(LightningCLI):
                 "init_args": {"save_dir": "logs", "name": "eecnn"},
             },
         })
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument("inputs", nargs="*", default=[],
+                                help="image files, folders or glob patterns to predict with an exit agent checkpoint")
+            parser.add_argument("--output", default=None, help="also save the predictions as .jsonl or .csv")
+        return parser
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.subcommand != "predict":
+            return
+        config = self.config.predict
+        if not isinstance(self.model, ExitAgent):
+            if config.inputs:
+                raise InputError("predicting image files needs an exit agent: pass --ckpt_path <agent.ckpt> "
+                                 "(a classifier checkpoint predicts its datamodule's test split, with no files)")
+            return
+        if not config.inputs:
+            raise InputError("eecnn predict with an exit agent needs image files, folders or globs: "
+                             "eecnn predict --ckpt_path <agent.ckpt> image.png images/")
+        self.trainer.callbacks.append(PredictionTable(config.output))
+        self.datamodule = ImageFilesDataModule(config.inputs)
+
+    def after_predict(self) -> None:
+        if isinstance(self.datamodule, ImageFilesDataModule) and self.datamodule.errors:
+            sys.exit(1)  # each failure already has its line; the readable images were predicted
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         argv = list(sys.argv[1:] if args is None else args)

@@ -5,9 +5,11 @@ on whole batches after they reach the device, so on a 2-core CPU the model, not 
 per-image transforms, sets the pace.
 """
 
+import glob
 import os
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -29,23 +31,67 @@ IMAGE_SIZE = 32
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def rgb_array(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Any PIL image (any mode: RGBA, grayscale, palette) as a ``size`` x ``size`` RGB uint8 array (H, W, 3)."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
 def load_rgb_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Any PIL-readable image as a ``size`` x ``size`` RGB uint8 array (H, W, 3)."""
+    """Any PIL-readable image file as a ``size`` x ``size`` RGB uint8 array (H, W, 3)."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image)
+            return rgb_array(image, size)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"cannot read image {path} ({err}): replace or remove the file") from None
 
 
+def expand_image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """The files named by ``inputs`` (files, folders of images, or glob patterns), in order, and one error
+    message per input that names nothing."""
+    files, errors = [], []
+    for pattern in inputs:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            found = [path]
+        else:
+            found = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+        if not found:
+            errors.append(f"{pattern}: no image files there (not a file, a folder with images or a matching glob)")
+        files += found
+    return files, errors
+
+
+def read_image_files(inputs: list[str]) -> tuple[list[Path], Tensor, list[str]]:
+    """Decode every image named by ``inputs`` into uint8 (N, 3, 32, 32); unreadable ones are left out and
+    each gets one error message naming the file. Returns the files read, their images and the errors."""
+    files, errors = expand_image_paths(inputs)
+    read, arrays = [], []
+    for file in files:
+        try:
+            arrays.append(load_rgb_image(file))
+            read.append(file)
+        except InputError as err:
+            errors.append(str(err))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else \
+        torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    return read, images, errors
+
+
 def normalize(images: Tensor) -> Tensor:
-    """uint8 (N, 3, H, W) images to float, standardised with CIFAR-10's channel statistics."""
+    """(N, 3, H, W) images, uint8 in [0, 255] or float in [0, 1], standardised with CIFAR-10's channel
+    statistics: the classifier's input."""
     mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    scaled = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return (scaled - mean) / std
 
 
 def random_crop_flip(images: Tensor, padding: int, flip: bool) -> Tensor:
@@ -255,3 +301,26 @@ class CIFAR10DataModule(L.LightningDataModule):
         if augment and self.trainer is not None and self.trainer.training:
             images = random_crop_flip(images, self.hparams.crop_padding, self.hparams.horizontal_flip)
         return normalize(images), labels
+
+
+class ImageFilesDataModule(L.LightningDataModule):
+    """Image files to predict, named by paths, folders or globs: any size or mode becomes 32x32 RGB.
+    Unreadable files are reported on stderr, one line each, and left out; ``errors`` keeps the messages."""
+
+    def __init__(self, inputs: list[str], batch_size: int = 256) -> None:
+        super().__init__()
+        self.inputs, self.batch_size = inputs, batch_size
+        self.files: list[Path] = []
+        self.errors: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        self.files, self.images, self.errors = read_image_files(self.inputs)
+        for message in self.errors:
+            print(f"eecnn: error: {message}", file=sys.stderr)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images, torch.arange(len(self.images))), batch_size=self.batch_size)
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, index = batch
+        return normalize(images), index

@@ -59,3 +59,21 @@ def trained_run(image_folder, tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     return workdir / "logs" / "eecnn" / "version_0"
+
+
+@pytest.fixture(scope="session")
+def trained_agent(trained_run, tmp_path_factory) -> Path:
+    """A tiny exit agent trained by `eecnn fit --config configs/agent.yaml` for ``trained_run``: its checkpoint."""
+    from early_exit.cli import main
+
+    workdir = tmp_path_factory.mktemp("agent")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "agent.yaml"),
+              "--model.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"), "--model.num_exits", "2",
+              "--model.steps_per_epoch", "40", "--model.epsilon_decay_steps", "30", "--trainer.max_epochs", "2",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    finally:
+        os.chdir(cwd)
+    return workdir / "logs" / "agent" / "version_0" / "checkpoints" / "last.ckpt"

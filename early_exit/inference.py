@@ -1,0 +1,153 @@
+"""Using a trained classifier and exit agent: predicting images and evaluating data, from Python or ``eecnn predict``.
+
+    predictor = EarlyExitPredictor.from_checkpoint("results/agent.ckpt")
+    predictor.predict("cat.png")        # [{"class": "cat", "confidence": 0.93, "exit": 2, "flops": ...}]
+    report = predictor.evaluate(loader)  # the same dict as report.json
+
+Every prediction runs through the early-exit engine, in batches: an image stops computing at its exit.
+"""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from torch import Tensor
+
+from early_exit.agent import ExitAgent
+from early_exit.cache import run_exits
+from early_exit.checkpoint import read_checkpoint
+from early_exit.data import IMAGE_SIZE, normalize, read_image_files, rgb_array
+from early_exit.engine import EarlyExitResult
+from early_exit.errors import InputError
+from early_exit.evaluation import baselines
+from early_exit.report import evaluate_engine, write_text
+
+OUTPUT_FORMATS = (".jsonl", ".csv")
+
+
+def prediction_rows(result: EarlyExitResult, classes: list[str], files: list[Path] | None = None) -> list[dict]:
+    """One dict per image: its file (if any), class name, confidence, exit taken (1-based) and FLOPs spent."""
+    rows = [{"class": classes[p], "confidence": c, "exit": e + 1, "flops": f}
+            for p, c, e, f in zip(result.prediction.tolist(), result.confidence.tolist(), result.exit.tolist(),
+                                  result.flops.tolist())]
+    if files is not None:
+        rows = [{"file": str(file), **row} for file, row in zip(files, rows)]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("file", "class", "confidence", "exit", "MFLOPs")
+    lines = [(row.get("file", str(i)), row["class"], f"{row['confidence']:.3f}", str(row["exit"]),
+              f"{row['flops'] / 1e6:.1f}") for i, row in enumerate(rows)]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *lines])
+
+
+def check_output_path(output: str | Path) -> Path:
+    output = Path(output)
+    if output.suffix not in OUTPUT_FORMATS:
+        raise InputError(f"--output {output} must end in {' or '.join(OUTPUT_FORMATS)} (JSON lines or CSV)")
+    if not output.parent.is_dir():
+        raise InputError(f"--output {output}: folder {output.parent} does not exist")
+    return output
+
+
+def write_predictions(rows: list[dict], output: Path) -> None:
+    """JSON lines or CSV by ``output``'s suffix, written atomically."""
+    if output.suffix == ".jsonl":
+        write_text(output, "".join(json.dumps(row) + "\n" for row in rows))
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["file", "class", "confidence", "exit", "flops"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(output, text.getvalue())
+
+
+class PredictionTable(BasePredictionWriter):
+    """Prints ``eecnn predict``'s per-image results as a table and, with ``output``, saves them."""
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output = check_output_path(output) if output else None
+
+    def write_on_epoch_end(self, trainer: L.Trainer, module: ExitAgent, predictions: list[dict],
+                           batch_indices: list) -> None:
+        merged = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]} if predictions else {}
+        if not merged:
+            return
+        order = merged.pop("index").argsort()
+        result = EarlyExitResult(**{key: value[order] for key, value in merged.items()})
+        rows = prediction_rows(result, module.classes, trainer.datamodule.files)
+        print(format_table(rows))
+        if self.output is not None:
+            write_predictions(rows, self.output)
+            print(f"wrote {len(rows)} predictions to {self.output}")
+
+
+class EarlyExitPredictor:
+    """A trained classifier and its exit agent, ready to predict images and evaluate data through the engine."""
+
+    def __init__(self, agent: ExitAgent, batch_size: int = 256) -> None:
+        self.agent, self.batch_size = agent, batch_size
+        self.classifier = agent.load_classifier()
+        self.engine, self.classes = agent.engine, agent.classes
+
+    @classmethod
+    def from_checkpoint(cls, agent_ckpt: str | Path, classifier_ckpt: str | Path | None = None,
+                        device: str = "cpu", batch_size: int = 256) -> "EarlyExitPredictor":
+        """Load an agent and the classifier it was trained for (``classifier_ckpt`` overrides the path the
+        agent recorded, e.g. after moving the files)."""
+        read_checkpoint(agent_ckpt)  # a one-line InputError for a missing or foreign file
+        overrides = {"classifier_ckpt": str(classifier_ckpt)} if classifier_ckpt is not None else {}
+        agent = ExitAgent.load_from_checkpoint(agent_ckpt, map_location=device, **overrides)
+        predictor = cls(agent.eval(), batch_size)
+        predictor.classifier.to(device)
+        return predictor
+
+    def as_batch(self, images) -> tuple[Tensor, list[Path] | None]:
+        """uint8 or [0, 1] float (N, 3, 32, 32) images from a tensor, a PIL image, a path, or a list of them."""
+        if isinstance(images, Tensor):
+            batch = images[None] if images.dim() == 3 else images
+            if batch.dim() != 4 or batch.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE):
+                raise InputError(f"image tensors must be (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) or (3, {IMAGE_SIZE}, "
+                                 f"{IMAGE_SIZE}), got {tuple(images.shape)}: resize them first")
+            return batch, None
+        items = images if isinstance(images, list | tuple) else [images]
+        if all(isinstance(item, Image.Image) for item in items):
+            arrays = torch.stack([torch.from_numpy(rgb_array(item).copy()) for item in items])
+            return arrays.permute(0, 3, 1, 2).contiguous(), None
+        files, batch, errors = read_image_files([str(item) for item in items])
+        if errors:
+            raise InputError("; ".join(errors))
+        return batch, files
+
+    def predict(self, images) -> list[dict]:
+        """Per image: class name, confidence, exit taken (1-based), FLOPs spent, and the file for paths."""
+        batch, files = self.as_batch(images)
+        results = [self.engine(normalize(chunk)) for chunk in batch.split(self.batch_size)]
+        merged = EarlyExitResult(**{key: torch.cat([getattr(r, key) for r in results]).cpu()
+                                    for key in vars(results[0])})
+        return prediction_rows(merged, self.classes, files)
+
+    def evaluate(self, loader, val_loader=None) -> dict:
+        """The report (the dict ``eecnn test`` writes to report.json) on a loader of (images, labels) batches;
+        threshold baselines are tuned on ``val_loader`` if one is given, else only fixed exits and the oracle."""
+        images, labels = self._collect(loader)
+        outputs = run_exits(self.classifier, images, labels)
+        costs, full = self.engine.costs, self.engine.full_flops
+        if val_loader is None:
+            others = baselines(outputs, outputs, costs, full, targets=())
+        else:
+            others = baselines(run_exits(self.classifier, *self._collect(val_loader)), outputs, costs, full)
+        return evaluate_engine(self.engine, images, outputs, self.classes, others, self.batch_size)[1]
+
+    @staticmethod
+    def _collect(loader) -> tuple[Tensor, Tensor]:
+        images, labels = zip(*((batch[0], batch[1]) for batch in loader))
+        return torch.cat(images), torch.cat(labels)
