@@ -189,10 +189,10 @@ class ExitAgent(L.LightningModule):
                                    self.hparams.reward_wrong, self.hparams.num_envs)
 
     def on_test_start(self) -> None:
-        self.engine.model.to(self.device)
+        self.engine.to(self.device)
 
     def on_predict_start(self) -> None:
-        self.engine.model.to(self.device)
+        self.engine.to(self.device)
 
     def epsilon(self) -> float:
         h = self.hparams

@@ -108,6 +108,7 @@ class EarlyExitPredictor:
         agent = ExitAgent.load_from_checkpoint(agent_ckpt, map_location=device, **overrides)
         predictor = cls(agent.eval(), batch_size)
         predictor.classifier.to(device)
+        predictor.engine.to(device)
         return predictor
 
     def as_batch(self, images) -> tuple[Tensor, list[Path] | None]:

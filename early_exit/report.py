@@ -40,9 +40,13 @@ def run_engine(engine: EarlyExitEngine, images: Tensor, batch_size: int = 256) -
 
 
 def describe_device(device: torch.device) -> str:
+    """The device's kind and model, so that throughput figures say where they were measured."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"cpu ({names[0] if names else platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def build_report(result: EarlyExitResult, outputs: ExitOutputs, classes: list[str], baselines: list[dict],

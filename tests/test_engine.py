@@ -3,7 +3,7 @@ import torch
 
 from early_exit import ExitAgent
 from early_exit.agent import CONTINUE, EXIT, NUM_CONFIDENCE_FEATURES, exit_states
-from early_exit.engine import EarlyExitEngine
+from early_exit.engine import EarlyExitEngine, inference_copy
 from early_exit.evaluation import ThresholdPolicy, confidence_scores, path_flops, policy_exits
 from early_exit.model import EarlyExitCNN
 
@@ -80,15 +80,26 @@ def test_stages_never_run_on_images_that_have_exited():
     images = torch.randn(300, 3, 32, 32)
     policy = median_thresholds(model, images)
     exits, _, _ = all_exits_reference(model, policy, images)
-    counts = count_stage_inputs(model)
-    EarlyExitEngine(model, policy)(images)
+    engine = EarlyExitEngine(model, policy)
+    counts = count_stage_inputs(engine.model)
+    engine(images)
     assert counts == [int((exits >= k).sum()) for k in range(4)]
     assert counts[0] == 300 > counts[1] > counts[2] > counts[3]
 
 
 def test_when_every_image_stops_at_exit_one_later_stages_never_run():
     model = random_model()
-    counts = count_stage_inputs(model)
-    result = EarlyExitEngine(model, ThresholdPolicy([0.0, 0.0, 0.0]))(torch.randn(5, 3, 32, 32))
+    engine = EarlyExitEngine(model, ThresholdPolicy([0.0, 0.0, 0.0]))
+    counts = count_stage_inputs(engine.model)
+    result = engine(torch.randn(5, 3, 32, 32))
     assert counts == [5, 0, 0, 0]
     assert (result.exit == 0).all() and (result.flops == path_flops(model)[0]).all()
+
+
+def test_the_engine_copy_with_folded_batchnorm_computes_the_same_function():
+    model = random_model()
+    images = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        for original, folded in zip(model(images), inference_copy(model)(images)):
+            assert torch.allclose(original, folded, atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in inference_copy(model).stages.modules())
