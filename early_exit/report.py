@@ -233,7 +233,7 @@ def plot_tradeoff(policies: list[tuple[str, float, float]], baselines: list[dict
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs. compute on the test split")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
 
