@@ -153,7 +153,7 @@ class ExitAgent(L.LightningModule):
     def setup(self, stage: str) -> None:
         needs_engine, needs_outputs = stage in ("test", "predict"), stage != "predict"  # predict runs no cache
         if (needs_engine and self.engine is None) or (needs_outputs and not self.outputs):
-            classifier = self.load_classifier()
+            classifier = self.load_frozen_classifier()
             if needs_outputs and not self.outputs:
                 splits = ("val", "test") if stage == "test" else SPLITS
                 self.attach(exit_cache(classifier, self.hparams.classifier_ckpt, self.data, self.hparams.cache_dir,
@@ -162,7 +162,7 @@ class ExitAgent(L.LightningModule):
             self.data.prepare_data()
             self.data.setup("test")
 
-    def load_classifier(self) -> EarlyExitClassifier:
+    def load_frozen_classifier(self) -> EarlyExitClassifier:
         """The frozen classifier this agent decides for; sets its data, class names and the engine that runs
         the classifier's CNN with this agent as its policy."""
         classifier, data, self.classes = load_classifier(self.hparams.classifier_ckpt)

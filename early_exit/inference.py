@@ -95,7 +95,7 @@ class EarlyExitPredictor:
 
     def __init__(self, agent: ExitAgent, batch_size: int = 256) -> None:
         self.agent, self.batch_size = agent, batch_size
-        self.classifier = agent.load_classifier()
+        self.classifier = agent.load_frozen_classifier()
         self.engine, self.classes = agent.engine, agent.classes
 
     @classmethod
