@@ -148,7 +148,7 @@ class ExitAgent(L.LightningModule):
         self.buffer = ReplayBuffer(replay_size, state_dim)
         self.outputs: dict[str, ExitOutputs] = {}
         self.engine: EarlyExitEngine | None = None
-        self.env_steps = 0
+        self.env_steps = self.episodes = 0
 
     def setup(self, stage: str) -> None:
         needs_engine, needs_outputs = stage in ("test", "predict"), stage != "predict"  # predict runs no cache
@@ -183,8 +183,8 @@ class ExitAgent(L.LightningModule):
         self.costs = path_flops(model)  # per image, answering at exit k through the engine
         self.full_flops = float(model.exit_flops[-1])
         step_costs = self.costs.diff(prepend=self.costs.new_zeros(1)) / self.full_flops
-        episodes = outputs.get("train", next(iter(outputs.values())))  # without "train" only its rewards are used
-        self.env = ExitEnvironment(exit_states(episodes.logits, self.hparams.num_exits), episodes.correct(),
+        source = outputs.get("train", next(iter(outputs.values())))  # without "train" only its rewards are used
+        self.env = ExitEnvironment(exit_states(source.logits, self.hparams.num_exits), source.correct(),
                                    step_costs, self.hparams.compute_weight, self.hparams.reward_correct,
                                    self.hparams.reward_wrong, self.hparams.num_envs)
 
@@ -219,6 +219,7 @@ class ExitAgent(L.LightningModule):
         transitions = self.env.step(actions)
         self.buffer.push(*transitions)
         self.env_steps += 1
+        self.episodes += int(transitions[4].sum())
         self.log_dict({"train/reward": transitions[2].mean(), "train/epsilon": self.epsilon()}, on_step=True,
                       batch_size=1)
         if self.env_steps < h.warmup_steps:
