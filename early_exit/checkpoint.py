@@ -1,5 +1,10 @@
-"""Reading eecnn checkpoints: one load, validated, with the saved model and data settings."""
+"""Reading eecnn checkpoints (one load, validated, with the saved model and data settings), and exporting
+slim copies to ship."""
 
+import argparse
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +34,37 @@ def read_checkpoint(path: str | Path, option: str = "--ckpt_path") -> dict[str, 
 def init_args(hparams: dict[str, Any]) -> dict[str, Any]:
     """A class's saved hyper-parameters without the CLI's bookkeeping keys."""
     return {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
+
+
+SHIPPED_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "pytorch-lightning_version")
+
+
+def export_checkpoint(source: str | Path, target: str | Path, half: bool = False) -> Path:
+    """A slim copy of an eecnn checkpoint for shipping: the weights (floating-point ones in fp16 with
+    ``half``), the model and data settings and the datamodule's state (class names), without the
+    optimiser, loop and callback state that only resuming training needs. Written atomically."""
+    checkpoint = read_checkpoint(source)
+    slim = {key: checkpoint[key] for key in SHIPPED_KEYS if key in checkpoint}
+    slim |= {key: value for key, value in checkpoint.items() if key.endswith("DataModule")}  # datamodule states
+    if half:
+        slim["state_dict"] = {name: t.half() if t.is_floating_point() else t for name, t in slim["state_dict"].items()}
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as tmp:
+        torch.save(slim, tmp)
+    os.replace(tmp.name, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``eecnn-export SOURCE TARGET [--half]``: ship a checkpoint that `eecnn test` and `eecnn predict` load."""
+    parser = argparse.ArgumentParser(prog="eecnn-export", description=export_checkpoint.__doc__)
+    parser.add_argument("source", help="a checkpoint written by `eecnn fit`")
+    parser.add_argument("target", help="where to write the slim copy")
+    parser.add_argument("--half", action="store_true", help="store floating-point weights in fp16")
+    args = parser.parse_args(argv)
+    try:
+        target = export_checkpoint(args.source, args.target, args.half)
+    except InputError as err:
+        sys.exit(f"eecnn-export: error: {err}")
+    print(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB)")

@@ -1,0 +1,33 @@
+import json
+
+import torch
+
+from early_exit import EarlyExitPredictor
+from early_exit.cache import load_classifier
+from early_exit.checkpoint import main as export
+from early_exit.cli import main
+
+
+def test_exported_checkpoints_are_slim_and_test_and_predict_like_the_originals(trained_run, trained_agent,
+                                                                               image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = trained_run / "checkpoints" / "last.ckpt"
+    export([str(source), "shipped/classifier.ckpt", "--half"])
+    export([str(trained_agent), "shipped/agent.ckpt"])
+    shipped = tmp_path / "shipped" / "classifier.ckpt"
+    assert shipped.stat().st_size < 0.6 * source.stat().st_size  # fp16 weights, no optimiser state
+    saved = torch.load(shipped, weights_only=True)
+    assert "optimizer_states" not in saved and saved["CIFAR10DataModule"]["classes"]
+
+    images = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8).float() / 255
+    original, half = (torch.stack(load_classifier(path)[0](images), dim=1) for path in (source, shipped))
+    assert torch.allclose(original, half, atol=0.05)
+
+    main(["test", "--ckpt_path", "shipped/agent.ckpt", "--model.classifier_ckpt", "shipped/classifier.ckpt",
+          "--trainer.enable_progress_bar", "false"])
+    report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
+    assert report["accuracy"] > 50  # 4 well-separated classes; chance is 25 %
+
+    predictor = EarlyExitPredictor.from_checkpoint("shipped/agent.ckpt", classifier_ckpt="shipped/classifier.ckpt")
+    [row] = predictor.predict(next((image_folder / "test" / "square").iterdir()))
+    assert row["class"] == "square"
