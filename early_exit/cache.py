@@ -6,8 +6,6 @@ once per checkpoint; the cache file is named by the checkpoint's content hash an
 
 import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from early_exit.checkpoint import init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10_CLASSES, CIFAR10DataModule, normalize
 from early_exit.errors import InputError
+from early_exit.files import write_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -94,10 +93,7 @@ def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, dat
         datamodule.prepare_data()
         for stage in {"test" if split == "test" else "fit" for split in missing}:
             datamodule.setup(stage)
-        cache_dir.mkdir(parents=True, exist_ok=True)
     for split in missing:
         outputs = run_exits(classifier, *datamodule.datasets[split].tensors)
-        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
-            torch.save(vars(outputs), tmp)
-        os.replace(tmp.name, paths[split])
+        write_atomic(paths[split], lambda file, outputs=outputs: torch.save(vars(outputs), file))
     return {split: ExitOutputs(**torch.load(paths[split], weights_only=True)) for split in splits}

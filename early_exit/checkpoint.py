@@ -2,15 +2,14 @@
 slim copies to ship."""
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from early_exit.errors import InputError
+from early_exit.files import write_atomic
 
 PACKAGE = "early_exit."
 
@@ -49,10 +48,7 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = False
     if half:
         slim["state_dict"] = {name: t.half() if t.is_floating_point() else t for name, t in slim["state_dict"].items()}
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as tmp:
-        torch.save(slim, tmp)
-    os.replace(tmp.name, target)
+    write_atomic(target, lambda file: torch.save(slim, file))
     return target
 
 

@@ -25,7 +25,8 @@ from early_exit.data import IMAGE_SIZE, normalize, read_image_files, rgb_array
 from early_exit.engine import EarlyExitResult
 from early_exit.errors import InputError
 from early_exit.evaluation import baselines
-from early_exit.report import evaluate_engine, write_text
+from early_exit.files import write_text
+from early_exit.report import evaluate_engine
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
 

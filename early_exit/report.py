@@ -8,12 +8,8 @@ on the same images, and the throughput from timing the engine against the plain 
 
 import itertools
 import json
-import os
 import platform
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import matplotlib
 
@@ -27,6 +23,7 @@ from torch import Tensor  # noqa: E402
 from early_exit.cache import ExitOutputs  # noqa: E402
 from early_exit.data import normalize  # noqa: E402
 from early_exit.engine import EarlyExitEngine, EarlyExitResult, images_per_second  # noqa: E402
+from early_exit.files import write_atomic, write_text  # noqa: E402
 
 
 def run_engine(engine: EarlyExitEngine, images: Tensor, batch_size: int = 256) -> tuple[EarlyExitResult, float]:
@@ -276,18 +273,6 @@ def report_figures(report: dict, outputs: ExitOutputs, classifier_run: Path | No
     if curves is not None:
         figures["training_curves"] = curves
     return figures
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place: readers never
-    see a half-written file, and a failure leaves the old one."""
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=path.suffix + ".tmp", delete=False) as tmp:
-        write(tmp)
-    os.replace(tmp.name, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda file: file.write(text.encode()))
 
 
 def save_figure(figure: Figure, path: Path) -> None:

@@ -17,7 +17,8 @@ from early_exit.agent import ExitAgent
 from early_exit.cli import EarlyExitCLI
 from early_exit.errors import InputError
 from early_exit.evaluation import baselines, evaluate_exits
-from early_exit.report import plot_tradeoff, save_figure, write_text
+from early_exit.files import write_text
+from early_exit.report import plot_tradeoff, save_figure
 
 AGENT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "agent.yaml"
 
