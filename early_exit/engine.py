@@ -29,6 +29,11 @@ class EarlyExitResult:
     exit: Tensor
     flops: Tensor
 
+    @classmethod
+    def cat(cls, results: list["EarlyExitResult"]) -> "EarlyExitResult":
+        """Batches' results joined in order, on the CPU."""
+        return cls(**{name: torch.cat([getattr(r, name) for r in results]).cpu() for name in vars(results[0])})
+
 
 def inference_copy(model: EarlyExitCNN) -> EarlyExitCNN:
     """A frozen channels-last copy of ``model`` with every BatchNorm2d folded into the conv before it: the same

@@ -79,12 +79,11 @@ class PredictionTable(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: L.Trainer, module: ExitAgent, predictions: list[dict],
                            batch_indices: list) -> None:
-        merged = {key: torch.cat([p[key] for p in predictions]).cpu() for key in predictions[0]} if predictions else {}
-        if not merged:
+        if not predictions:
             return
-        order = merged.pop("index").argsort()
-        result = EarlyExitResult(**{key: value[order] for key, value in merged.items()})
-        rows = prediction_rows(result, module.classes, trainer.datamodule.files)
+        index = torch.cat([p.pop("index") for p in predictions]).tolist()  # this rank's images, under DDP too
+        result = EarlyExitResult.cat([EarlyExitResult(**p) for p in predictions])
+        rows = prediction_rows(result, module.classes, [trainer.datamodule.files[i] for i in index])
         print(format_table(rows))
         if self.output is not None:
             write_predictions(rows, self.output)
@@ -132,10 +131,10 @@ class EarlyExitPredictor:
     def predict(self, images) -> list[dict]:
         """Per image: class name, confidence, exit taken (1-based), FLOPs spent, and the file for paths."""
         batch, files = self.as_batch(images)
-        results = [self.engine(normalize(chunk)) for chunk in batch.split(self.batch_size)]
-        merged = EarlyExitResult(**{key: torch.cat([getattr(r, key) for r in results]).cpu()
-                                    for key in vars(results[0])})
-        return prediction_rows(merged, self.classes, files)
+        if not len(batch):
+            raise InputError("no images to predict")
+        result = EarlyExitResult.cat([self.engine(normalize(chunk)) for chunk in batch.split(self.batch_size)])
+        return prediction_rows(result, self.classes, files)
 
     def evaluate(self, loader, val_loader=None) -> dict:
         """The report (the dict ``eecnn test`` writes to report.json) on a loader of (images, labels) batches;

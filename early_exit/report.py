@@ -31,9 +31,7 @@ def run_engine(engine: EarlyExitEngine, images: Tensor, batch_size: int = 256) -
     included, after one warm-up batch)."""
     results: list[EarlyExitResult] = []
     throughput = images_per_second(lambda batch: results.append(engine(normalize(batch))), images, batch_size)
-    results = results[1:]  # the warm-up batch ran twice
-    fields = {name: torch.cat([getattr(r, name) for r in results]).cpu() for name in vars(results[0])}
-    return EarlyExitResult(**fields), throughput
+    return EarlyExitResult.cat(results[1:]), throughput  # the warm-up batch ran twice
 
 
 def describe_device(device: torch.device) -> str:
