@@ -14,7 +14,6 @@ The difference between the two images/s figures is what Lightning costs.
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 
 from early_exit.cli import EarlyExitCLI, default_precision
 from early_exit.data import normalize, random_crop_flip
+from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,13 +43,6 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._end = time.perf_counter()
         self.step_times.append(self._end - self._start)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -100,8 +93,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "timed_steps": len(steps),
         "precision": args.precision,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_name(),
+        "device": describe_device(torch.device("cpu")),
         "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "torch": torch.__version__,
     }
