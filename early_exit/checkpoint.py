@@ -35,6 +35,17 @@ def init_args(hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
 
 
+def model_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The model's saved hyper-parameters, with a recorded ``classifier_ckpt`` that is not where it was
+    looked for at training time taken from beside ``path``, the checkpoint itself: a shipped agent and
+    its classifier move together."""
+    args = init_args(checkpoint["hyper_parameters"])
+    recorded = args.get("classifier_ckpt")
+    if recorded and not Path(recorded).exists() and (Path(path).parent / Path(recorded).name).is_file():
+        args["classifier_ckpt"] = str(Path(path).parent / Path(recorded).name)
+    return args
+
+
 SHIPPED_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "pytorch-lightning_version")
 
 

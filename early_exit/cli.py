@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from early_exit.agent import ExitAgent
-from early_exit.checkpoint import init_args, read_checkpoint
+from early_exit.checkpoint import init_args, model_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule, ImageFilesDataModule
 from early_exit.errors import InputError
@@ -112,11 +112,15 @@ class EarlyExitCLI(LightningCLI):
             model = checkpoint["hyper_parameters"]
             data = checkpoint.get("datamodule_hyper_parameters")  # None for models that bring their own data
             self._subcommand_parsers[subcommand].set_defaults({
-                "model": {"class_path": model["_class_path"], "init_args": init_args(model)},
+                "model": {"class_path": model["_class_path"], "init_args": model_args(checkpoint, ckpt_path)},
                 "data": data and {"class_path": data.get("_class_path", _class_path(CIFAR10DataModule)),
                                   "init_args": init_args(data)},
             })
         super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would re-apply the checkpoint's hyper-parameters over the parsed config, silently undoing
+        flags such as ``--model.classifier_ckpt``; ``parse_arguments`` already made them overridable defaults."""
 
 
 def main(args: list[str] | None = None) -> None:

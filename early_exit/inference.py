@@ -20,7 +20,7 @@ from torch import Tensor
 
 from early_exit.agent import ExitAgent
 from early_exit.cache import run_exits
-from early_exit.checkpoint import read_checkpoint
+from early_exit.checkpoint import model_args, read_checkpoint
 from early_exit.data import IMAGE_SIZE, normalize, read_image_files, rgb_array
 from early_exit.engine import EarlyExitResult
 from early_exit.errors import InputError
@@ -101,11 +101,11 @@ class EarlyExitPredictor:
     @classmethod
     def from_checkpoint(cls, agent_ckpt: str | Path, classifier_ckpt: str | Path | None = None,
                         device: str = "cpu", batch_size: int = 256) -> "EarlyExitPredictor":
-        """Load an agent and the classifier it was trained for (``classifier_ckpt`` overrides the path the
-        agent recorded, e.g. after moving the files)."""
-        read_checkpoint(agent_ckpt)  # a one-line InputError for a missing or foreign file
-        overrides = {"classifier_ckpt": str(classifier_ckpt)} if classifier_ckpt is not None else {}
-        agent = ExitAgent.load_from_checkpoint(agent_ckpt, map_location=device, **overrides)
+        """Load an agent and the classifier it was trained for: ``classifier_ckpt``, else the path the agent
+        recorded, else the file of that name beside the agent."""
+        recorded = model_args(read_checkpoint(agent_ckpt), agent_ckpt)["classifier_ckpt"]
+        classifier_ckpt = str(classifier_ckpt or recorded)
+        agent = ExitAgent.load_from_checkpoint(agent_ckpt, map_location=device, classifier_ckpt=classifier_ckpt)
         predictor = cls(agent.eval(), batch_size)
         predictor.classifier.to(device)
         predictor.engine.to(device)

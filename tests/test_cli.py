@@ -108,3 +108,8 @@ def test_ddp_on_two_processes_reports_all_rank_metrics(image_folder, trained_run
     for tag in ("test/acc_exit1", "test/acc"):
         assert one[tag] == two[tag], tag
     assert one["test/loss"][0] == pytest.approx(two["test/loss"][0], rel=1e-4)
+
+
+def test_flags_override_the_settings_saved_in_the_checkpoint(trained_agent, tmp_path):
+    message = error_of(["test", "--ckpt_path", str(trained_agent), "--model.classifier_ckpt", str(tmp_path / "x.ckpt")])
+    assert "x.ckpt does not exist" in message  # the flag, not the classifier path the agent recorded

@@ -31,3 +31,18 @@ def test_exported_checkpoints_are_slim_and_test_and_predict_like_the_originals(t
     predictor = EarlyExitPredictor.from_checkpoint("shipped/agent.ckpt", classifier_ckpt="shipped/classifier.ckpt")
     [row] = predictor.predict(next((image_folder / "test" / "square").iterdir()))
     assert row["class"] == "square"
+
+
+def test_a_shipped_agent_finds_its_classifier_beside_it_from_any_folder(trained_run, trained_agent, image_folder,
+                                                                        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    export([str(trained_run / "checkpoints" / "last.ckpt"), "shipped/classifier.ckpt", "--half"])
+    export([str(trained_agent), "shipped/agent.ckpt"])
+    saved = torch.load("shipped/agent.ckpt", weights_only=True)
+    saved["hyper_parameters"]["classifier_ckpt"] = "results/classifier.ckpt"  # as trained in the repository root
+    torch.save(saved, "shipped/agent.ckpt")
+    image = next((image_folder / "test" / "cross").iterdir())
+    monkeypatch.chdir(tmp_path / "shipped")  # where results/classifier.ckpt does not exist
+    main(["predict", "--ckpt_path", "agent.ckpt", str(image), "--trainer.enable_progress_bar", "false"])
+    assert "cross" in capsys.readouterr().out
+    assert EarlyExitPredictor.from_checkpoint("agent.ckpt").predict(image)[0]["class"] == "cross"
