@@ -256,7 +256,9 @@ class ExitAgent(L.LightningModule):
         """The test split through the early-exit engine: report.json, plots and TensorBoard in the run's folder."""
         images, _ = self.data.datasets["test"].tensors
         test = self.outputs["test"]
-        others = baselines(self.outputs["val"], test, self.costs, self.full_flops)
+        val = evaluate_exits(self.greedy_exits(self.outputs["val"]), self.outputs["val"], self.costs, self.full_flops)
+        targets = {20.0, 30.0, 40.0, 50.0, 60.0, round(val["flops_saved_pct"], 1)}  # and this agent's compute
+        others = baselines(self.outputs["val"], test, self.costs, self.full_flops, tuple(sorted(targets)))
         result, report = evaluate_engine(self.engine, images, test, self.data.classes, others)
         self._log_policy("test", result.exit.cpu())
         if not self.trainer.is_global_zero:
