@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 
 from early_exit.cli import EarlyExitCLI, default_precision
 from early_exit.data import normalize, random_crop_flip
+from early_exit.files import write_text
 from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def main() -> None:
     for key, value in figures.items():
         print(f"{key:<34}{value:>14.1f}" if isinstance(value, float) else f"{key:<34}{value!s:>14}")
     if args.output:
-        args.output.write_text(json.dumps(figures, indent=2) + "\n")
+        write_text(args.output, json.dumps(figures, indent=2) + "\n")
 
 
 def bare_loop(model, datamodule, precision: str, steps: int) -> list[float]:

@@ -1,6 +1,6 @@
 """Small generated CIFAR-like data in the layouts the real data comes in."""
 
-import os
+import contextlib
 import tarfile
 from pathlib import Path
 
@@ -52,12 +52,8 @@ def trained_run(image_folder, tmp_path_factory) -> Path:
     from early_exit.cli import main
 
     workdir = tmp_path_factory.mktemp("fit")
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
+    with contextlib.chdir(workdir):
         main(["fit", *tiny_fit_args(image_folder)])
-    finally:
-        os.chdir(cwd)
     return workdir / "logs" / "eecnn" / "version_0"
 
 
@@ -67,13 +63,9 @@ def trained_agent(trained_run, tmp_path_factory) -> Path:
     from early_exit.cli import main
 
     workdir = tmp_path_factory.mktemp("agent")
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
+    with contextlib.chdir(workdir):
         main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "agent.yaml"),
               "--model.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"), "--model.num_exits", "2",
               "--model.steps_per_epoch", "40", "--model.epsilon_decay_steps", "30", "--trainer.max_epochs", "2",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
-    finally:
-        os.chdir(cwd)
     return workdir / "logs" / "agent" / "version_0" / "checkpoints" / "last.ckpt"
