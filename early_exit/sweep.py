@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eecnn-sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier-ckpt", required=True)
-    parser.add_argument("--compute-weights", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 2.0])
+    parser.add_argument("--compute-weights", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0])
     parser.add_argument("--output", type=Path, default=Path("results/sweep"))
     parser.add_argument("--config", type=Path, default=AGENT_CONFIG)
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
