@@ -1,0 +1,54 @@
+"""The shipped checkpoints in results/ work from a fresh clone, and the README quotes their report."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from early_exit.cli import main
+from early_exit.data import CIFAR10_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def test_shipped_classifier_is_half_precision_and_under_12_mb():
+    path = RESULTS / "classifier.ckpt"
+    assert path.stat().st_size <= 12 * 2**20
+    weights = torch.load(path, weights_only=True)["state_dict"]
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
+
+
+def test_predict_with_the_shipped_agent_from_another_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the agent finds its classifier beside it, not through the recorded path
+    pixels = np.random.default_rng(0).integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    main(["predict", "--ckpt_path", str(RESULTS / "agent.ckpt"), "photo.png", "--output", "out.jsonl",
+          "--trainer.enable_progress_bar", "false"])
+    [row] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert row["file"] == "photo.png" and row["class"] in CIFAR10_CLASSES and 1 <= row["exit"] <= 4
+
+
+def test_readme_quotes_the_shipped_report():
+    report = json.loads((RESULTS / "report" / "report.json").read_text())
+    table = re.search(r"<!-- results-table -->(.*?)<!-- /results-table -->", (ROOT / "README.md").read_text(), re.S)
+    ours = next(line for line in table.group(1).splitlines() if line.startswith("| eecnn"))
+    assert f"{report['accuracy']:.2f} %" in ours and f"{report['flops_saved_pct']:.1f} %" in ours
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"no CIFAR-10 copy at {ARCHIVE}")
+def test_eecnn_test_reproduces_the_shipped_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["test", "--ckpt_path", str(RESULTS / "agent.ckpt"), "--model.data_dir", str(ARCHIVE),
+          "--trainer.enable_progress_bar", "false"])
+    shipped = json.loads((RESULTS / "report" / "report.json").read_text())
+    fresh = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
+    for key in ("accuracy", "flops_saved_pct"):
+        assert fresh[key] == pytest.approx(shipped[key], abs=0.1), key
+    assert fresh["per_exit_accuracy"] == pytest.approx(shipped["per_exit_accuracy"], abs=0.1)
