@@ -31,7 +31,7 @@ mv results/config.yaml results/classifier-config.yaml
 /usr/bin/time -f "sweep: %e s wall" \
   eecnn-sweep --classifier-ckpt results/classifier.ckpt --output results/sweep -- --model.data_dir "$DATA"
 
-# 4. Ship the most accurate agent that saves MIN_SAVING % on validation: the smallest such compute weight.
+# 4. Ship the agent with the smallest compute weight (the most accurate) that saves MIN_SAVING % on validation.
 #    Chosen on the validation split only; its best-validation-reward checkpoint is tested through the engine.
 agent=$(python -c "import json, sys; rows = json.load(open('results/sweep/sweep.json'));
 print(min((r for r in rows if r.get('val_flops_saved_pct', -1) >= float(sys.argv[1])),
