@@ -14,6 +14,7 @@ The difference between the two images/s figures is what Lightning costs.
 import argparse
 import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -84,8 +85,9 @@ def main() -> None:
     steps = timer.step_times[args.warmup:]
     waits = timer.wait_times[max(0, args.warmup - 1):]  # wait_times[i] is the gap before step i + 1
     busy, waiting = sum(steps), sum(waits)
-    fit_speed = args.batch_size * len(steps) / (busy + waiting)
-    bare_speed = args.batch_size * args.steps / sum(bare_step_times[args.warmup:])
+    # Medians, not means: on a shared 2-core machine one slow step from elsewhere would swing a mean.
+    fit_speed = args.batch_size / statistics.median(s + w for s, w in zip(steps, waits))
+    bare_speed = args.batch_size / statistics.median(bare_step_times[args.warmup:])
     figures = {
         "fit_images_per_s": fit_speed,
         "bare_loop_images_per_s": bare_speed,
