@@ -14,7 +14,6 @@ Both use the same Q-network shape, state features, rewards, batch size and optim
 
 import argparse
 import copy
-import json
 import random
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from early_exit.agent import EXIT, ExitAgent, exit_states
 from early_exit.cli import EarlyExitCLI
 from early_exit.data import normalize
-from early_exit.files import write_text
+from early_exit.files import write_json
 from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +135,7 @@ def main() -> None:
     print(f"* extrapolated from {seed['episodes']:,} seed-style episodes in {seed['wall_s']:.0f} s; "
           f"{figures['device']}")
     if args.output:
-        write_text(args.output, json.dumps(figures, indent=2) + "\n")
+        write_json(args.output, figures)
 
 
 if __name__ == "__main__":

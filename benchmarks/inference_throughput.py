@@ -14,7 +14,6 @@ All run the same frozen weights on the same images in this process; each after a
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from early_exit.data import CIFAR10DataModule, normalize
 from early_exit.engine import images_per_second
 from early_exit.evaluation import policy_exits
-from early_exit.files import write_text
+from early_exit.files import write_json
 from early_exit.inference import EarlyExitPredictor
 from early_exit.report import describe_device
 
@@ -86,7 +85,7 @@ def main() -> None:
     print(f"\nengine speedup {figures['engine_speedup_over_full_network']:.2f}x for a FLOPs ratio of "
           f"{figures['flops_ratio']:.2f}x ({figures['flops_saved_pct']:.1f} % of FLOPs saved); {figures['device']}")
     if args.output:
-        write_text(args.output, json.dumps(figures, indent=2) + "\n")
+        write_json(args.output, figures)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ The difference between the two images/s figures is what Lightning costs.
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 
 from early_exit.cli import EarlyExitCLI, default_precision
 from early_exit.data import normalize, random_crop_flip
-from early_exit.files import write_text
+from early_exit.files import write_json
 from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +104,7 @@ def main() -> None:
     for key, value in figures.items():
         print(f"{key:<34}{value:>14.1f}" if isinstance(value, float) else f"{key:<34}{value!s:>14}")
     if args.output:
-        write_text(args.output, json.dumps(figures, indent=2) + "\n")
+        write_json(args.output, figures)
 
 
 def bare_loop(model, datamodule, precision: str, steps: int) -> list[float]:

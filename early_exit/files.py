@@ -1,5 +1,6 @@
 """Writing output files atomically: readers never see a half-written file, and a failure keeps the old one."""
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -25,3 +26,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def write_json(path: Path, value: object) -> None:
+    write_text(path, json.dumps(value, indent=2) + "\n")

@@ -7,7 +7,6 @@ on the same images, and the throughput from timing the engine against the plain 
 """
 
 import itertools
-import json
 import platform
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch import Tensor  # noqa: E402
 from early_exit.cache import ExitOutputs  # noqa: E402
 from early_exit.data import normalize  # noqa: E402
 from early_exit.engine import EarlyExitEngine, EarlyExitResult, images_per_second  # noqa: E402
-from early_exit.files import write_atomic, write_text  # noqa: E402
+from early_exit.files import write_atomic, write_json  # noqa: E402
 
 
 def run_engine(engine: EarlyExitEngine, images: Tensor, batch_size: int = 256) -> tuple[EarlyExitResult, float]:
@@ -289,6 +288,6 @@ def classifier_run(classifier_ckpt: str | Path) -> Path | None:
 def save_report(report: dict, figures: dict[str, Figure], folder: Path) -> None:
     """``report.json`` and one PNG per figure in ``folder``, each written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json(folder / "report.json", report)
     for name, figure in figures.items():
         save_figure(figure, folder / f"{name}.png")

@@ -8,7 +8,6 @@ tuned on the validation split to the FLOPs saving each agent reached there, and 
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from early_exit.agent import ExitAgent
 from early_exit.cli import EarlyExitCLI
 from early_exit.errors import InputError
 from early_exit.evaluation import baselines, evaluate_exits
-from early_exit.files import write_text
+from early_exit.files import write_json, write_text
 from early_exit.report import plot_tradeoff, save_figure
 
 AGENT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "agent.yaml"
@@ -60,7 +59,7 @@ def run(classifier_ckpt: str, compute_weights: list[float], output: Path, config
     others = baselines(agent.outputs["val"], agent.outputs["test"], agent.costs, agent.full_flops, tuple(targets))
     rows = agents + others
     output.mkdir(parents=True, exist_ok=True)
-    write_text(output / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    write_json(output / "sweep.json", rows)
     write_text(output / "sweep.md", markdown_table(rows))
     points = [(f"λ={a['compute_weight']:g}", a["flops_saved_pct"], a["accuracy"]) for a in agents]
     save_figure(plot_tradeoff(points, others), output / "sweep.png")
