@@ -1,6 +1,7 @@
 """The early-exit CNN: a VGG-style backbone with a classifier head after every stage."""
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,10 +32,13 @@ class Stage(nn.Sequential):
         super().__init__(*layers)
 
 
-class ExitHead(nn.Sequential):
+HeadKind = Literal["mlp", "pool", "conv"]
+
+
+class MLPHead(nn.Sequential):
     """Global average pool and a two-layer MLP, the seed's exit classifier."""
 
-    def __init__(self, channels: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, channels: int, size: int, num_classes: int, dropout: float) -> None:
         layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
@@ -47,12 +51,45 @@ class ExitHead(nn.Sequential):
         super().__init__(*layers)
 
 
+class MixedPoolHead(nn.Module):
+    """Shallow-Deep Networks' exit: max and average pooling to a small grid, mixed by a learned weight, then one
+    linear layer; unlike a global pool it keeps where in the image things are."""
+
+    def __init__(self, channels: int, size: int, num_classes: int, dropout: float, grid: int = 4) -> None:
+        super().__init__()
+        grid = min(grid, size)
+        self.max_pool, self.avg_pool = nn.AdaptiveMaxPool2d(grid), nn.AdaptiveAvgPool2d(grid)
+        self.mix = nn.Parameter(torch.tensor(0.5))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * grid * grid, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.mix * self.max_pool(x) + (1 - self.mix) * self.avg_pool(x))
+
+
+class ConvHead(nn.Sequential):
+    """MSDNet's exit: two strided 3x3 conv-BN-ReLU layers (at most 128 channels), global average pooling and a
+    linear layer."""
+
+    def __init__(self, channels: int, size: int, num_classes: int, dropout: float, width: int = 128) -> None:
+        width = min(width, channels)
+        layers = [
+            nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes),
+        ]
+        super().__init__(*layers)
+
+
+HEADS: dict[str, type[nn.Module]] = {"mlp": MLPHead, "pool": MixedPoolHead, "conv": ConvHead}
+
+
 class EarlyExitCNN(nn.Module):
     """A CNN whose every stage ends in an exit, so inference can stop after any stage.
 
-    ``forward`` returns the logits of all exits (training needs them all). ``stage_flops`` and
-    ``head_flops`` are measured, not hand-typed, forward FLOPs per image: the cost an exit policy
-    trades against accuracy.
+    ``forward`` returns the logits of all exits (training needs them all). ``head`` picks the exit
+    classifier: the seed's global-pool MLP (``mlp``), Shallow-Deep Networks' mixed pooling to a 4x4 grid
+    (``pool``) or MSDNet's strided convs (``conv``). ``stage_flops`` and ``head_flops`` are measured, not
+    hand-typed, forward FLOPs per image: the cost an exit policy trades against accuracy.
     """
 
     def __init__(
@@ -63,6 +100,7 @@ class EarlyExitCNN(nn.Module):
         stage_dropout: Sequence[float] = SEED_STAGE_DROPOUT,
         head_dropout: Sequence[float] = SEED_HEAD_DROPOUT,
         image_size: int = 32,
+        head: HeadKind = "mlp",
     ) -> None:
         super().__init__()
         if not 1 <= num_stages <= len(BASE_CHANNELS):
@@ -75,7 +113,11 @@ class EarlyExitCNN(nn.Module):
         self.stages = nn.ModuleList(
             Stage(cin, cout, p) for cin, cout, p in zip(in_channels, channels, stage_dropout)
         )
-        self.exits = nn.ModuleList(ExitHead(c, num_classes, p) for c, p in zip(channels, head_dropout))
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        sizes = [image_size >> (k + 1) for k in range(num_stages)]  # each stage halves the map
+        self.exits = nn.ModuleList(HEADS[head](c, size, num_classes, p)
+                                   for c, size, p in zip(channels, sizes, head_dropout))
         self.stage_flops, self.head_flops = self._measure_flops(image_size)
 
     @property

@@ -41,3 +41,23 @@ def test_exit_flops_grow_with_depth_and_match_the_seed_network_shares():
 def test_dropout_rates_must_cover_every_stage():
     with pytest.raises(ValueError, match="stage_dropout"):
         EarlyExitCNN(num_stages=4, stage_dropout=[0.1, 0.2])
+
+
+@pytest.mark.parametrize("head", ["mlp", "pool", "conv"])
+def test_every_head_answers_at_every_exit_and_its_flops_are_in_the_exit_cost(head):
+    model = EarlyExitCNN(num_classes=4, width=0.125, head=head).eval()
+    assert [tuple(x.shape) for x in model(torch.randn(2, 3, 32, 32))] == [(2, 4)] * 4
+    assert all(f > 0 for f in model.head_flops)
+    assert model.exit_flops[1] == sum(model.stage_flops[:2]) + model.head_flops[1]
+
+
+def test_pool_head_keeps_a_4x4_grid_and_conv_head_costs_two_strided_convs():
+    pool = EarlyExitCNN(num_classes=4, num_stages=2, width=0.125, head="pool")  # 8 channels at 16x16, 16 at 8x8
+    assert pool.head_flops == [2 * 8 * 16 * 4, 2 * 16 * 16 * 4]  # one linear layer on (channels, 4, 4)
+    conv = EarlyExitCNN(num_classes=4, num_stages=1, width=0.125, head="conv")  # 8 channels at 16x16
+    assert conv.head_flops == [conv_flops(8, 8, 8) + conv_flops(8, 8, 4) + 2 * 8 * 4]
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="head must be one of mlp, pool, conv"):
+        EarlyExitCNN(head="attention")
