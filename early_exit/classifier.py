@@ -8,19 +8,22 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from early_exit.errors import InputError
-from early_exit.model import SEED_HEAD_DROPOUT, SEED_STAGE_DROPOUT, EarlyExitCNN
+from early_exit.model import SEED_HEAD_DROPOUT, SEED_STAGE_DROPOUT, EarlyExitCNN, HeadKind
 
 
 class EarlyExitClassifier(L.LightningModule):
     """Trains every exit on a weighted sum of their cross-entropy losses.
 
-    ``exit_weights`` weigh the exits' losses at the start of training; if ``final_exit_weights`` is
-    given, the weights move linearly to it over the run (the seed shifts weight from early to late
-    exits). Both are normalised to sum to one, so the loss scale does not depend on them.
-    The learning rate follows ``lr_schedule`` per step, peaking at the optimiser's ``lr``.
+    ``exit_weights`` weigh the exits' losses at the start of training (all 1 if not given); if
+    ``final_exit_weights`` is given, the weights move linearly to it over the run (the seed shifts
+    weight from early to late exits). They are used as given, not normalised: the final exit at weight 1
+    learns at the optimiser's rate whatever the early exits weigh.
+    The learning rate follows ``lr_schedule`` per step, peaking at the optimiser's ``lr``: ``linear`` warms
+    up linearly for ``warmup_fraction`` of the steps, then decays linearly to zero. Weight decay applies
+    to conv and linear weights only, not to BatchNorm parameters or biases.
 
     With ``distillation_weight`` > 0 the final exit also teaches the earlier ones during training:
     each early exit's loss mixes in the KL divergence to the final exit's (detached) softened
@@ -34,19 +37,20 @@ class EarlyExitClassifier(L.LightningModule):
         width: float = 1.0,
         stage_dropout: Sequence[float] = SEED_STAGE_DROPOUT,
         head_dropout: Sequence[float] = SEED_HEAD_DROPOUT,
+        head: HeadKind = "mlp",
         exit_weights: Sequence[float] | None = None,
         final_exit_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
         distillation_weight: float = 0.0,
         distillation_temperature: float = 4.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        lr_schedule: Literal["linear", "onecycle", "cosine", "constant"] = "onecycle",
         warmup_fraction: float = 0.15,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = EarlyExitCNN(num_classes, num_stages, width, stage_dropout, head_dropout)
+        self.model = EarlyExitCNN(num_classes, num_stages, width, stage_dropout, head_dropout, head=head)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         n = self.model.num_exits
@@ -60,6 +64,11 @@ class EarlyExitClassifier(L.LightningModule):
             {split: nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(n))
              for split in ("train_", "val_", "test_")}  # ModuleDict keys may not shadow Module.train
         )
+        # How far each exit's confidence is from its accuracy: what an exit policy reads.
+        self.calibration = nn.ModuleDict(
+            {split: nn.ModuleList(MulticlassCalibrationError(num_classes, n_bins=15) for _ in range(n))
+             for split in ("val_", "test_")}
+        )
 
     def forward(self, images: Tensor) -> list[Tensor]:
         if self.hparams.channels_last:
@@ -72,7 +81,7 @@ class EarlyExitClassifier(L.LightningModule):
         if end is not None and self.trainer.training:
             progress = min(1.0, self.global_step / max(1, self.trainer.estimated_stepping_batches))
             start = torch.lerp(start, torch.tensor(end, dtype=torch.float32), progress)
-        return start / start.sum()
+        return start
 
     def exit_losses(self, exit_logits: list[Tensor], labels: Tensor) -> Tensor:
         """Training loss per exit: label-smoothed cross-entropy, distilled from the final exit."""
@@ -105,6 +114,10 @@ class EarlyExitClassifier(L.LightningModule):
             metric(logits, labels)
             self.log(f"{split}/loss_exit{k}", exit_loss, **log)
             self.log(f"{split}/acc_exit{k}", metric, **log)
+            if not training:
+                calibration = self.calibration[f"{split}_"][k - 1]
+                calibration(logits.float(), labels)
+                self.log(f"{split}/ece_exit{k}", calibration, **log)
         self.log(f"{split}/acc", metric, prog_bar=True, **log)  # the final exit's: what checkpoints rank by
         return loss
 
@@ -134,12 +147,22 @@ class EarlyExitClassifier(L.LightningModule):
             self.logger.log_metrics(flops, step=0)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        # As in the fast CIFAR-10 recipes: decaying BatchNorm scales and biases only fights the normalisation.
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        optimizer = self.optimizer([{"params": decay, "name": "weights"},
+                                    {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"}])
         total_steps = int(self.trainer.estimated_stepping_batches)
         schedule = self.hparams.lr_schedule
         if schedule == "constant":
             return optimizer
-        if schedule == "onecycle":
+        if schedule == "linear":
+            warmup = max(1, round(self.hparams.warmup_fraction * total_steps))
+            decay_steps = max(1, total_steps - warmup)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(0.0, min((step + 1) / warmup, (total_steps - step) / decay_steps))
+            )
+        elif schedule == "onecycle":
             peak = [group["lr"] for group in optimizer.param_groups]
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=peak, total_steps=total_steps, pct_start=self.hparams.warmup_fraction

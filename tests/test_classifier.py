@@ -1,7 +1,10 @@
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from early_exit import CIFAR10DataModule, EarlyExitClassifier
 
@@ -29,8 +32,8 @@ def test_classifier_learns_a_separable_task_and_shifts_exit_weights(image_folder
     assert accuracy["val/acc"] > 0.8  # chance is 0.25
     assert accuracy["val/acc_exit1"] > 0.5
     first, last = recorder.weights[0], recorder.weights[-1]
-    assert torch.allclose(first, torch.tensor([0.75, 0.25]))
-    assert last[1] > 0.7 and all(torch.diff(torch.stack(recorder.weights)[:, 1]) >= 0)
+    assert torch.allclose(first, torch.tensor([3.0, 1.0]))  # as given: the final exit's weight is not diluted
+    assert last[1] > 2.5 and all(torch.diff(torch.stack(recorder.weights)[:, 1]) >= 0)
 
 
 def test_exit_weights_must_match_the_exits():
@@ -55,3 +58,25 @@ def test_distillation_pulls_early_exits_towards_the_final_exit_only():
     assert losses[0].abs() < 1e-6 < losses[1]  # loss is the divergence from the final exit, not the labels
     losses[:2].sum().backward()
     assert final.grad is None or not final.grad.any()  # the teacher is not pulled towards its students
+
+
+def test_weight_decay_spares_norms_and_biases_and_the_linear_schedule_warms_up_then_decays_to_zero():
+    model = EarlyExitClassifier(num_classes=4, num_stages=2, width=0.125, head="pool", lr_schedule="linear",
+                                warmup_fraction=0.25,
+                                optimizer=lambda params: torch.optim.SGD(params, lr=0.4, weight_decay=5e-4))
+    model._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for p in m.parameters()}
+    assert norms and norms <= {id(p) for p in no_decay["params"]}
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.4 / 25) and max(lrs) == pytest.approx(0.4) and lrs.index(max(lrs)) == 24
+    assert all(a >= b for a, b in zip(lrs[25:], lrs[26:])) and lrs[-1] < 0.4 / 50
