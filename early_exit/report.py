@@ -144,6 +144,28 @@ def read_scalars(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
             for tag in events.Tags()["scalars"]}
 
 
+def time_to_accuracy(run_dir: str | Path, targets: tuple[float, ...] = (0.85, 0.90), tag: str = "val/acc") -> dict:
+    """When a run's ``tag`` (by default the final exit's validation accuracy) first reached each target, read
+    from its TensorBoard events: the epoch (1-based) and the wall time in seconds since the run's first
+    event, which Lightning writes once the data is loaded and training starts. Also the run's epochs, its
+    wall time to the last validation and the best value. A run resumed after a pause counts the pause."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    if tag not in tags:
+        raise ValueError(f"{run_dir} has no {tag!r} scalars: is it an eecnn classifier run's log folder?")
+    start = min(events.Scalars(t)[0].wall_time for t in tags)
+    epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
+    values = events.Scalars(tag)
+
+    def when(event) -> dict:
+        return {"epoch": epoch_at.get(event.step, -1) + 1, "seconds": event.wall_time - start, "value": event.value}
+
+    reached = {f"{target:g}": next((when(e) for e in values if e.value >= target), None) for target in targets}
+    return {"run": str(run_dir), "epochs": epoch_at.get(values[-1].step, -1) + 1,
+            "seconds": values[-1].wall_time - start, "best": max(e.value for e in values), "reached": reached}
+
+
 def exit_labels(report: dict) -> list[str]:
     return [f"exit {k + 1}" for k in range(len(report["exit_distribution"]))]
 

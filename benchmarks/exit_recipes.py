@@ -1,0 +1,75 @@
+"""The recipe ablation table: what each classifier run's exits are worth to an exit policy.
+
+    python benchmarks/exit_recipes.py logs/ablation/run-a logs/ablation/run-b --data ../shared/data/cifar10-jpeg.tar.gz
+
+For each run folder (its ``checkpoints/last.ckpt`` and TensorBoard events) it prints one markdown row:
+epochs and training wall time (from the events), every exit's accuracy and expected calibration error on
+the test split, and the test accuracy of the max-softmax threshold rule tuned on the validation split to
+save at least ``--saved`` % of FLOPs. Exit outputs are cached like the agent's (``logs/exit_cache``).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from early_exit.cache import exit_cache, load_classifier
+from early_exit.data import CIFAR10DataModule
+from early_exit.errors import InputError
+from early_exit.evaluation import baselines, path_flops
+from early_exit.files import write_json
+from early_exit.report import time_to_accuracy
+
+
+def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> dict:
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    classifier, data, _ = load_classifier(checkpoint)
+    datamodule = CIFAR10DataModule(**(data | {"data_dir": data_dir} if data_dir else data))
+    outputs = exit_cache(classifier, checkpoint, datamodule, cache_dir, ("val", "test"))
+    val, test = outputs["val"], outputs["test"]
+    model = classifier.model
+    policies = baselines(val, test, path_flops(model), float(model.exit_flops[-1]), (saved,))
+    threshold = next(p for p in policies if p["name"].startswith("max_softmax"))
+    exits, classes = range(test.num_exits), test.logits.shape[-1]
+    return {
+        "run": run.name,
+        **{key: time_to_accuracy(run)[key] for key in ("epochs", "seconds")},
+        "test_accuracy": [100 * test.correct()[:, k].double().mean().item() for k in exits],
+        "test_ece": [100 * multiclass_calibration_error(test.logits[:, k], test.labels, classes, n_bins=15).item()
+                     for k in exits],
+        "threshold": {key: threshold[key] for key in ("accuracy", "flops_saved_pct")},
+    }
+
+
+def markdown(rows: list[dict], saved: float) -> str:
+    lines = ["| run | epochs | wall time | test accuracy per exit (%) | ECE per exit (%) | "
+             f"max-softmax, ≥ {saved:g} % saved |", "|---|---:|---:|---|---|---|"]
+    for r in rows:
+        t = r["threshold"]
+        lines.append(f"| {r['run']} | {r['epochs']} | {r['seconds'] / 60:.0f} min | "
+                     f"{' / '.join(f'{a:.1f}' for a in r['test_accuracy'])} | "
+                     f"{' / '.join(f'{e:.1f}' for e in r['test_ece'])} | "
+                     f"{t['accuracy']:.2f} % at {t['flops_saved_pct']:.1f} % |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="classifier run folders (checkpoints/last.ckpt inside)")
+    parser.add_argument("--data", help="the data_dir to read, if not the one each run recorded")
+    parser.add_argument("--saved", type=float, default=50.0, help="FLOPs the threshold rule must save (%%)")
+    parser.add_argument("--cache-dir", default="logs/exit_cache")
+    parser.add_argument("--output", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    try:
+        rows = [measure(run, args.data, args.saved, args.cache_dir) for run in args.runs]
+    except (InputError, ValueError) as err:
+        sys.exit(f"exit_recipes: error: {err}")
+    print(markdown(rows, args.saved))
+    if args.output:
+        write_json(args.output, rows)
+
+
+if __name__ == "__main__":
+    main()

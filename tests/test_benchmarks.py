@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from early_exit.report import time_to_accuracy
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_time_to_accuracy_finds_the_first_epoch_at_each_target(trained_run):
+    result = time_to_accuracy(trained_run, targets=(0.0, 1.01))
+    assert result["epochs"] == 5 and 0 < result["seconds"] and 0 < result["best"] <= 1
+    first = result["reached"]["0"]
+    assert first["epoch"] == 1 and 0 <= first["seconds"] <= result["seconds"]
+    assert result["reached"]["1.01"] is None
+
+
+def test_time_to_accuracy_script_prints_a_table_and_refuses_a_folder_without_a_run(trained_run, tmp_path):
+    script = str(BENCHMARKS / "time_to_accuracy.py")
+    out = subprocess.run([sys.executable, script, str(trained_run), "--targets", "0", "101"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| 1, " in out and "not reached" in out
+    bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "no 'val/acc' scalars" in bad.stderr
+
+
+def test_exit_recipes_measures_every_exit_and_the_threshold_rule(trained_run, image_folder, tmp_path):
+    output = tmp_path / "recipes.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "exit_recipes.py"), str(trained_run), "--data", str(image_folder),
+                    "--saved", "20", "--cache-dir", str(tmp_path / "cache"), "--output", str(output)],
+                   capture_output=True, text=True, check=True)
+    [row] = json.loads(output.read_text())
+    assert row["epochs"] == 5 and len(row["test_accuracy"]) == len(row["test_ece"]) == 2
+    assert all(0 <= a <= 100 for a in row["test_accuracy"] + row["test_ece"])
+    assert row["threshold"]["flops_saved_pct"] >= 20
