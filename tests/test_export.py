@@ -28,9 +28,14 @@ def test_exported_checkpoints_are_slim_and_test_and_predict_like_the_originals(t
     report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
     assert report["accuracy"] > 50  # 4 well-separated classes; chance is 25 %
 
+    # Predicting the test files one by one gets the figures `eecnn test` reported on the same images.
+    files = sorted((image_folder / "test").glob("*/*.jpg"))
     predictor = EarlyExitPredictor.from_checkpoint("shipped/agent.ckpt", classifier_ckpt="shipped/classifier.ckpt")
-    [row] = predictor.predict(next((image_folder / "test" / "square").iterdir()))
-    assert row["class"] == "square"
+    rows = predictor.predict(files)
+    accuracy = 100 * sum(row["class"] == file.parent.name for row, file in zip(rows, files)) / len(files)
+    assert abs(accuracy - report["accuracy"]) < 0.01
+    mean_flops = sum(row["flops"] for row in rows) / len(rows)
+    assert abs(mean_flops - report["mean_flops"]) / report["full_flops"] < 1e-6
 
 
 def test_a_shipped_agent_finds_its_classifier_beside_it_from_any_folder(trained_run, trained_agent, image_folder,
