@@ -2,10 +2,10 @@
 
     python benchmarks/time_to_accuracy.py logs/classifier/version_0 [more run folders] [--targets 85 90]
 
-Reads each run's TensorBoard events (nothing is re-run) and prints, per target, the epoch and the wall
-time since the run's first event at which the final exit's validation accuracy (``val/acc``) first
-reached it, so recipes compare by the time they take, not by epochs. Wall times are those of the machine
-that trained the run.
+Reads each run's TensorBoard events (nothing is re-run) and prints, per target, the epoch and the training
+time at which the final exit's validation accuracy (``val/acc``) first reached it, so recipes compare by
+the time they take, not by epochs. Times are wall times on the machine that trained the run, from the
+first logged step; a run resumed from a checkpoint counts each session, not the pause between them.
 """
 
 import argparse

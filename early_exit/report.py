@@ -146,24 +146,31 @@ def read_scalars(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
 
 def time_to_accuracy(run_dir: str | Path, targets: tuple[float, ...] = (0.85, 0.90), tag: str = "val/acc") -> dict:
     """When a run's ``tag`` (by default the final exit's validation accuracy) first reached each target, read
-    from its TensorBoard events: the epoch (1-based) and the wall time in seconds since the run's first
-    event, which Lightning writes once the data is loaded and training starts. Also the run's epochs, its
-    wall time to the last validation and the best value. A run resumed after a pause counts the pause."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = events.Tags()["scalars"]
-    if tag not in tags:
+    from its TensorBoard events: the epoch (1-based) and the training time in seconds. Also the run's epochs,
+    its training time to the last validation and the best value. Each session (one events file, from the
+    first event Lightning writes once training starts) counts up to its last ``tag`` event, so a run resumed
+    from a checkpoint counts neither the pause nor the part of an epoch lost to the interruption."""
+    sessions = []
+    for file in Path(run_dir).glob("events.out.tfevents.*"):
+        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        if tag in tags:
+            sessions.append((min(events.Scalars(t)[0].wall_time for t in tags), events, "epoch" in tags))
+    if not sessions:
         raise ValueError(f"{run_dir} has no {tag!r} scalars: is it an eecnn classifier run's log folder?")
-    start = min(events.Scalars(t)[0].wall_time for t in tags)
-    epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
-    values = events.Scalars(tag)
+    values, epoch_at, elapsed = [], {}, 0.0
+    for start, events, has_epoch in sorted(sessions, key=lambda session: session[0]):
+        values += [(e.step, elapsed + e.wall_time - start, e.value) for e in events.Scalars(tag)]
+        epoch_at |= {e.step: int(e.value) for e in events.Scalars("epoch")} if has_epoch else {}
+        elapsed = values[-1][1]
 
-    def when(event) -> dict:
-        return {"epoch": epoch_at.get(event.step, -1) + 1, "seconds": event.wall_time - start, "value": event.value}
+    def when(step: int, seconds: float, value: float) -> dict:
+        return {"epoch": epoch_at.get(step, -1) + 1, "seconds": seconds, "value": value}
 
-    reached = {f"{target:g}": next((when(e) for e in values if e.value >= target), None) for target in targets}
-    return {"run": str(run_dir), "epochs": epoch_at.get(values[-1].step, -1) + 1,
-            "seconds": values[-1].wall_time - start, "best": max(e.value for e in values), "reached": reached}
+    reached = {f"{target:g}": next((when(*v) for v in values if v[2] >= target), None) for target in targets}
+    return {"run": str(run_dir), "epochs": epoch_at.get(values[-1][0], -1) + 1, "seconds": elapsed,
+            "best": max(v[2] for v in values), "reached": reached}
 
 
 def exit_labels(report: dict) -> list[str]:

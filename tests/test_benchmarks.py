@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 from early_exit.report import time_to_accuracy
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -14,6 +16,22 @@ def test_time_to_accuracy_finds_the_first_epoch_at_each_target(trained_run):
     first = result["reached"]["0"]
     assert first["epoch"] == 1 and 0 <= first["seconds"] <= result["seconds"]
     assert result["reached"]["1.01"] is None
+
+
+def test_a_resumed_run_counts_its_sessions_not_the_pause_or_the_epoch_lost_to_the_kill(tmp_path):
+    def session(scalars):  # (tag, value, step, wall time) as Lightning would log them
+        with SummaryWriter(tmp_path) as writer:
+            for tag, value, step, wall_time in scalars:
+                writer.add_scalar(tag, value, step, walltime=wall_time)
+
+    session([("train/loss", 2.0, 0, 1000.0), ("epoch", 0, 9, 1100.0), ("val/acc", 0.5, 9, 1100.0),
+             ("epoch", 1, 19, 1200.0), ("val/acc", 0.8, 19, 1200.0),
+             ("train/loss", 1.0, 25, 1260.0)])  # killed in the third epoch, resumed from the end of the second
+    session([("train/loss", 1.0, 20, 9000.0), ("epoch", 2, 29, 9100.0), ("val/acc", 0.9, 29, 9100.0)])
+    result = time_to_accuracy(tmp_path, targets=(0.8, 0.85))
+    assert result["reached"]["0.8"]["epoch"] == 2 and result["reached"]["0.8"]["seconds"] == 200.0
+    assert result["reached"]["0.85"]["epoch"] == 3 and result["reached"]["0.85"]["seconds"] == 300.0
+    assert result["epochs"] == 3 and result["seconds"] == 300.0
 
 
 def test_time_to_accuracy_script_prints_a_table_and_refuses_a_folder_without_a_run(trained_run, tmp_path):
