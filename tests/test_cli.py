@@ -50,7 +50,7 @@ def test_fit_logs_to_tensorboard_and_keeps_best_and_last_checkpoints(trained_run
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2
     tags = scalars(trained_run)
     for tag in ("train/loss_step", "val/loss", "val/acc_exit1", "val/acc_exit2", "val/acc",
-                "train/acc_exit1_epoch", "lr-AdamW", "flops/exit1", "flops/exit2"):
+                "train/acc_exit1_epoch", "lr-AdamW/weights", "val/ece_exit1", "flops/exit1", "flops/exit2"):
         assert tag in tags, tag
     assert tags["flops/exit1"][0] < tags["flops/exit2"][0]
 
@@ -113,3 +113,13 @@ def test_ddp_on_two_processes_reports_all_rank_metrics(image_folder, trained_run
 def test_flags_override_the_settings_saved_in_the_checkpoint(trained_agent, tmp_path):
     message = error_of(["test", "--ckpt_path", str(trained_agent), "--model.classifier_ckpt", str(tmp_path / "x.ckpt")])
     assert "x.ckpt does not exist" in message  # the flag, not the classifier path the agent recorded
+
+
+def test_the_recipe_with_a_weight_average_ships_the_average(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(["fit", "--config", str(ROOT / "configs" / "cifar10.yaml"), *tiny_fit_args(image_folder, epochs=2),
+         "--model.exit_weights", "[0.5,1]", "--trainer.callbacks+=EMAWeightAveraging", "--trainer.callbacks.decay", "0.9"])
+    checkpoint = torch.load(tmp_path / "logs" / "classifier" / "version_0" / "checkpoints" / "last.ckpt",
+                            weights_only=True)
+    average, current = checkpoint["state_dict"], checkpoint["current_model_state"]  # EMAWeightAveraging's keys
+    assert any(not torch.equal(average[k], current[k]) for k in average if average[k].is_floating_point())
