@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The recipe ablation in README.md: each row a cheap proxy run (width 0.5, 4 epochs) of configs/cifar10.yaml with
+# one change against an earlier row, then the table of what each run's exits are worth.
+#   bash results/ablation.sh            # from the repository root, in the project's virtual environment
+# An arm whose folder holds a last.ckpt is skipped; delete the folder to run it again.
+set -euo pipefail
+DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
+PROXY=(--model.width 0.5 --trainer.max_epochs 4)
+
+arm() {
+  local name=$1; shift
+  local run=logs/ablation/w05-e4-$name
+  [[ -f $run/checkpoints/last.ckpt ]] && return
+  eecnn fit --config configs/cifar10.yaml --data.data_dir "$DATA" "${PROXY[@]}" "$@" \
+    --trainer.logger.init_args.name ablation --trainer.logger.init_args.version "w05-e4-$name" \
+    --trainer.enable_progress_bar false
+}
+
+# 0. The recipe before: batch 256, OneCycle to lr 0.1, MLP exits, equal exit weights summing to one. It ran on the
+#    code of commit d3f703d, which also decayed BatchNorm parameters and biases; this code never does.
+arm baseline --data.batch_size 256 --model.optimizer.lr 0.1 --model.lr_schedule onecycle --model.warmup_fraction 0.15 \
+  --model.head mlp --model.exit_weights '[0.25,0.25,0.25,0.25]'
+# 1. Page's optimisation: batch 512, linear warm-up and decay to zero peaking at lr 0.4 (lr x weight decay 2e-4 a step,
+#    4x before), no decay on norms and biases, and validation on an exponential moving average of the weights.
+arm fast-optim --data.batch_size 512 --model.optimizer.lr 0.4 --model.head mlp --model.exit_weights '[0.25,0.25,0.25,0.25]' \
+  --trainer.callbacks+=EMAWeightAveraging --trainer.callbacks.decay 0.99
+#    1b. the same run's raw weights, to tell the average from the rest
+python - <<'PY'
+import shutil, torch
+from pathlib import Path
+src, dst = Path("logs/ablation/w05-e4-fast-optim"), Path("logs/ablation/w05-e4-fast-optim-raw-weights")
+(dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+for events in src.glob("events.out.tfevents.*"):
+    shutil.copy(events, dst)
+checkpoint = torch.load(src / "checkpoints" / "last.ckpt", weights_only=True)
+torch.save(checkpoint | {"state_dict": checkpoint["current_model_state"]}, dst / "checkpoints" / "last.ckpt")
+PY
+# 2. Pooled-grid exits and the final exit at weight 1 (the early ones 0.3 / 0.5 / 0.7), no weight average:
+#    at batch 512 and lr 0.4 the loss, now 2.5 times larger, diverged; at batch 256 and lr 0.2 it is the default.
+arm pool-final1-b512 --data.batch_size 512 --model.optimizer.lr 0.4
+arm pool-final1-b256
+# 3. One change each against that default: the seed's MLP exits, no self-distillation, no label smoothing.
+arm mlp-final1 --model.head mlp
+arm no-distillation --model.distillation_weight 0
+arm no-smoothing --model.label_smoothing 0
+
+python benchmarks/exit_recipes.py \
+  logs/ablation/w05-e4-{baseline,fast-optim,fast-optim-raw-weights,pool-final1-b256,mlp-final1,no-distillation,no-smoothing} \
+  --data "$DATA" --output results/ablation.json
