@@ -5,7 +5,9 @@
 # An arm whose folder holds a last.ckpt is skipped; delete the folder to run it again.
 set -euo pipefail
 DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
-PROXY=(--model.width 0.5 --trainer.max_epochs 4)
+# The recipe as it stood during the ablation, which then still had label smoothing and self-distillation.
+PROXY=(--model.width 0.5 --trainer.max_epochs 4 --model.label_smoothing 0.1 --model.distillation_weight 0.5
+       --model.distillation_temperature 3.0)
 
 arm() {
   local name=$1; shift
@@ -36,7 +38,7 @@ checkpoint = torch.load(src / "checkpoints" / "last.ckpt", weights_only=True)
 torch.save(checkpoint | {"state_dict": checkpoint["current_model_state"]}, dst / "checkpoints" / "last.ckpt")
 PY
 # 2. Pooled-grid exits and the final exit at weight 1 (the early ones 0.3 / 0.5 / 0.7), no weight average:
-#    at batch 512 and lr 0.4 the loss, now 2.5 times larger, diverged; at batch 256 and lr 0.2 it is the default.
+#    at batch 512 and lr 0.4 the loss, now 2.5 times larger, diverged; batch 256 and lr 0.2 became the default.
 arm pool-final1-b512 --data.batch_size 512 --model.optimizer.lr 0.4
 arm pool-final1-b256
 # 3. One change each against that default: the seed's MLP exits, no self-distillation, no label smoothing.
