@@ -1,7 +1,7 @@
 """The exit cache: a frozen classifier's logits at every exit for every image, computed once.
 
 The exit agent and the threshold baselines only ever look at what the exits say, so the CNN runs
-once per checkpoint; the cache file is named by the checkpoint's content hash and reused.
+once per checkpoint and data; the cache file is named by both and reused.
 """
 
 import hashlib
@@ -82,11 +82,11 @@ def run_exits(classifier: EarlyExitClassifier, images: Tensor, labels: Tensor, b
 
 def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, datamodule: CIFAR10DataModule,
                cache_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> dict[str, ExitOutputs]:
-    """The exit outputs of ``classifier`` (loaded from ``classifier_ckpt``, whose content hash names the
-    cache files) on ``splits``: read from the cache, or computed once per split and cached."""
+    """The exit outputs of ``classifier`` (loaded from ``classifier_ckpt``) on ``splits``: read from the cache,
+    or computed once per split and cached. The files are named by the checkpoint's content hash and the
+    data's fingerprint, so other weights or other images never read a cache built for different ones."""
     cache_dir = Path(cache_dir)
-    stem = f"exits-{file_digest(Path(classifier_ckpt))}-val{datamodule.hparams.val_size}" \
-           f"-seed{datamodule.hparams.split_seed}"
+    stem = f"exits-{file_digest(Path(classifier_ckpt))}-data{datamodule.fingerprint()}"
     paths = {split: cache_dir / f"{stem}-{split}.pt" for split in splits}
     missing = [split for split in splits if not paths[split].is_file()]
     if missing:

@@ -56,9 +56,11 @@ class EarlyExitClassifier(L.LightningModule):
         n = self.model.num_exits
         for name, weights in (("exit_weights", exit_weights), ("final_exit_weights", final_exit_weights)):
             if weights is not None and (len(weights) != n or min(weights) < 0 or sum(weights) <= 0):
-                raise ValueError(f"{name} needs {n} non-negative weights with a positive sum, got {list(weights)}")
+                raise ValueError(f"--model.{name} needs {n} non-negative weights with a positive sum, got "
+                                 f"{list(weights)}: e.g. --model.{name} [{','.join(['1'] * n)}]")
         if not 0 <= distillation_weight <= 1 or distillation_temperature <= 0:
-            raise ValueError("distillation_weight must lie in [0, 1] and distillation_temperature be positive")
+            raise ValueError("--model.distillation_weight must lie in [0, 1] and --model.distillation_temperature "
+                             "be positive")
         self.optimizer = optimizer
         self.accuracy = nn.ModuleDict(
             {split: nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(n))

@@ -1,13 +1,19 @@
 """The ``eecnn`` command: LightningCLI over the eecnn models and the CIFAR-10 DataModule."""
 
+import argparse
+import inspect
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from early_exit.agent import ExitAgent
 from early_exit.checkpoint import init_args, model_args, read_checkpoint
@@ -37,6 +43,67 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+# The scaffolding of jsonargparse's report on a value no type accepted; what is left is the reason.
+_BOILERPLATE = re.compile(r"Does not validate against|Subtypes:|Errors:|Given value|Expected a <class 'NoneType'>"
+                          r"|Problem with given class_path|Parser key ")
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's multi-line report on a setting it refused, as one line: the flag (from the parser keys
+    the report passes through, e.g. ``model`` then ``width`` is ``--model.width``) and the innermost reason."""
+    flag = ".".join(re.findall(r'Parser key "([^"]+)"', message))
+    lines = [re.sub(r"^- ", "", line.strip()) for line in message.splitlines()]  # list items lose their dash
+    reasons = [line for line in lines if line and not _BOILERPLATE.match(line)]
+    reason = "; ".join(reasons) or message.strip()
+    given = re.search(r"^\s*Given value: (.+)$", message, re.MULTILINE)
+    if given and "Got value" not in reason and not given[1].startswith(("Namespace(", "NestedArg(")):
+        reason += f", got {given[1]}"
+    if required := re.search(r"the following arguments are required: (.+)", reason):
+        missing = [f"--{flag}.{name.strip()}" if flag else name.strip() for name in required[1].split(",")]
+        return f"missing {', '.join(missing)}: pass {missing[0]} <value> on the command line or in the config"
+    return reason if not flag or "--" in reason else f"--{flag}: {reason}"
+
+
+def trainer_error(message: str) -> str:
+    """A Trainer's refusal of a setting, with the backquoted setting named as its ``--trainer`` flag."""
+    names = inspect.signature(L.Trainer).parameters
+    return re.sub(r"`(\w+)`", lambda m: f"--trainer.{m[1]}" if m[1] in names else m[0], message)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` less ``name value`` and ``name=value``."""
+    kept = []
+    for arg in argv:
+        if kept and kept[-1] == name:
+            kept.pop()
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
+
+
+def last_checkpoint(config) -> tuple[Path, Any]:
+    """What Lightning's ``--ckpt_path last`` means for a run started afresh: the last.ckpt of the run that the
+    logger settings name (its version, or the newest version holding one), and that run's version."""
+    if config.checkpoint.dirpath:
+        return Path(config.checkpoint.dirpath) / "last.ckpt", None
+    logger = config.trainer.logger
+    if not (isinstance(logger, dict | Namespace) and logger.get("class_path", "").endswith("TensorBoardLogger")):
+        raise InputError("--ckpt_path last finds runs through the TensorBoard logger's folders: pass the "
+                         "checkpoint file instead, e.g. --ckpt_path logs/<name>/version_0/checkpoints/last.ckpt")
+    args = logger.get("init_args") or {}
+    folder = Path(args.get("save_dir") or "logs") / (args.get("name") or "lightning_logs")
+    version = args.get("version")
+    if version is None:
+        found = [int(m[1]) for run in folder.glob("version_*/checkpoints/last.ckpt")
+                 if (m := re.fullmatch(r"version_(\d+)", run.parents[1].name))]
+        if not found:
+            raise InputError(f"--ckpt_path last: no {folder}/version_*/checkpoints/last.ckpt to resume: train "
+                             "first, or pass a checkpoint file")
+        version = max(found)
+    run = folder / (f"version_{version}" if isinstance(version, int) else str(version))
+    return run / "checkpoints" / "last.ckpt", version
+
+
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__name__}"
 
@@ -50,6 +117,7 @@ class EarlyExitCLI(LightningCLI):
             L.LightningModule,
             None,  # any LightningDataModule, and optional: the exit agent replays cached outputs (data: null)
             subclass_mode_model=True,
+            parser_kwargs={"exit_on_error": False},  # main() prints one line instead of a usage dump
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the models configure their own optimisers
             args=args,
@@ -84,7 +152,12 @@ class EarlyExitCLI(LightningCLI):
         return parser
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as err:
+            raise InputError(trainer_error(str(err))) from None
+        except ValueError as err:  # a model or datamodule refusing its arguments, wrapped by jsonargparse
+            raise InputError(err if isinstance(err, InputError) else one_line(str(err))) from None
         if self.subcommand != "predict":
             return
         config = self.config.predict
@@ -107,6 +180,15 @@ class EarlyExitCLI(LightningCLI):
         argv = list(sys.argv[1:] if args is None else args)
         subcommand = argv[0] if argv and argv[0] in self.subcommands() else None
         ckpt_path = _option(argv, "--ckpt_path")
+        if subcommand and ckpt_path in ("best", "hpc", "registry"):
+            raise InputError(f"--ckpt_path {ckpt_path} only means something to a Trainer that already ran in this "
+                             "process: pass a checkpoint file, or --ckpt_path last")
+        if subcommand and ckpt_path == "last":  # the run to resume is named by the parsed logger settings
+            super().parse_arguments(parser, argv)
+            ckpt_path, version = last_checkpoint(self.config[subcommand])
+            argv = _without_option(argv, "--ckpt_path") + ["--ckpt_path", str(ckpt_path)]
+            if version is not None:  # continue that run's TensorBoard log, not a new version's
+                argv += ["--trainer.logger.init_args.version", str(version)]
         if subcommand and ckpt_path:
             checkpoint = read_checkpoint(ckpt_path)
             model = checkpoint["hyper_parameters"]
@@ -116,7 +198,7 @@ class EarlyExitCLI(LightningCLI):
                 "data": data and {"class_path": data.get("_class_path", _class_path(CIFAR10DataModule)),
                                   "init_args": init_args(data)},
             })
-        super().parse_arguments(parser, args)
+        super().parse_arguments(parser, argv)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would re-apply the checkpoint's hyper-parameters over the parsed config, silently undoing
@@ -126,6 +208,8 @@ class EarlyExitCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     try:
         EarlyExitCLI(args)
+    except argparse.ArgumentError as err:
+        sys.exit(f"eecnn: error: {one_line(str(err))}")
     except InputError as err:
         sys.exit(f"eecnn: error: {err}")
 

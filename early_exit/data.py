@@ -6,6 +6,7 @@ per-image transforms, sets the pace.
 """
 
 import glob
+import hashlib
 import os
 import shutil
 import stat
@@ -209,9 +210,24 @@ class CIFAR10DataModule(L.LightningDataModule):
         horizontal_flip: bool = True,
     ) -> None:
         super().__init__()
+        for name, value, least in (("val_size", val_size, 1), ("batch_size", batch_size, 1),
+                                   ("num_workers", num_workers, 0), ("crop_padding", crop_padding, 0)):
+            if value < least:
+                raise InputError(f"--data.{name} must be at least {least}, got {value}")
         self.save_hyperparameters()
         self.classes: list[str] = []
         self.datasets: dict[str, TensorDataset] = {}
+
+    def fingerprint(self) -> str:
+        """A short hash of what decides every split's images without decoding them: the data source's files
+        (relative names, sizes and modification times; an archive is one file) and the split settings."""
+        path = Path(self.hparams.data_dir).expanduser()
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        digest = hashlib.sha256(f"val_size={self.hparams.val_size} split_seed={self.hparams.split_seed}".encode())
+        for file in files:
+            info = file.stat()
+            digest.update(f"\n{file.relative_to(path)} {info.st_size} {info.st_mtime_ns}".encode())
+        return digest.hexdigest()[:16]
 
     @property
     def num_classes(self) -> int:

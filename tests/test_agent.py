@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 import torch
+from conftest import make_image_folder
 
 from early_exit import ExitAgent, InputError
 from early_exit.agent import CONTINUE, EXIT, ExitEnvironment
@@ -144,6 +145,16 @@ def test_second_cache_run_reuses_the_cache_without_running_the_cnn(trained_run, 
     monkeypatch.setattr("early_exit.cache.run_exits", no_cnn)
     second = exit_cache(classifier, ckpt, data, tmp_path)
     assert torch.equal(first["test"].logits, second["test"].logits)
+
+
+def test_other_images_of_the_same_count_get_their_own_exit_cache(trained_run, image_folder, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    classifier, _, _ = load_classifier(ckpt)
+    other = make_image_folder(tmp_path / "other", seed=1)  # same layout and counts, other pixels
+    first, second = (exit_cache(classifier, ckpt, CIFAR10DataModule(str(folder), download=False, val_size=32),
+                                tmp_path / "cache", ("test",))["test"] for folder in (image_folder, other))
+    assert first.logits.shape == second.logits.shape and not torch.equal(first.logits, second.logits)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_bad_classifier_checkpoints_are_reported(trained_run, tmp_path):

@@ -78,6 +78,47 @@ def test_bad_data_dir_is_one_line(tmp_path):
     assert "nowhere.tar.gz does not exist" in message
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--trainer.max_epochs", "-3"], "--trainer.max_epochs must be a non-negative integer or -1"),
+    (["--trainer.max_epochs", "many"], "--trainer.max_epochs: Expected a <class 'int'>, got many"),
+    (["--data.batch_size", "0"], "--data.batch_size must be at least 1, got 0"),
+    (["--model.exit_weights", "[1,2]"], "--model.exit_weights needs 2 non-negative weights with a positive sum, "
+                                       "got [1.0, 2.0]: e.g. --model.exit_weights [1,1]"),
+    (["--model.head", "dense"], "--model.head: Expected a typing.Literal['mlp', 'pool', 'conv']. Got value: dense"),
+    (["--trainer.no_such_flag", "1"], "unrecognized arguments: --trainer.no_such_flag 1"),
+])
+def test_bad_settings_are_one_line_naming_the_flag(image_folder, tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    args = tiny_fit_args(image_folder) + args
+    if "--model.exit_weights" in args:  # the tiny model has 2 exits: 2 weights it takes, [1,2] is 1 weight short
+        args[args.index("--model.exit_weights") + 1] = "[1,2,3]"
+        expected = expected.replace("[1.0, 2.0]", "[1.0, 2.0, 3.0]")
+    assert error_of(["fit", *args]).startswith(f"eecnn: error: {expected}")
+    assert not (tmp_path / "logs").exists()  # refused before anything was written
+
+
+def test_an_agent_without_its_classifier_says_which_flag_to_pass():
+    message = error_of(["fit", "--config", str(ROOT / "configs" / "agent.yaml")])
+    assert message.startswith("eecnn: error: missing --model.classifier_ckpt: pass --model.classifier_ckpt")
+
+
+def test_ckpt_path_last_resumes_the_latest_run_in_its_own_log(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    constant = ["--model.lr_schedule", "constant"]  # a schedule that allows more epochs on resuming
+    run(["fit", *tiny_fit_args(image_folder, epochs=1), *constant])
+    run(["fit", *tiny_fit_args(image_folder, epochs=1), *constant])  # version_1: the latest, which `last` resumes
+    run(["fit", *tiny_fit_args(image_folder, epochs=2), *constant, "--ckpt_path", "last"])
+    runs = tmp_path / "logs" / "eecnn"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    last = torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 2 * 5  # 160 training images in batches of 32
+    assert len(scalars(runs / "version_1")["val/acc"]) == 2  # one log across both sessions
+    assert "best" in error_of(["fit", *tiny_fit_args(image_folder), "--ckpt_path", "best"])
+    message = error_of(["fit", *tiny_fit_args(image_folder), "--ckpt_path", "last",
+                        "--trainer.logger.init_args.name", "elsewhere"])
+    assert "no logs/elsewhere/version_*/checkpoints/last.ckpt to resume" in message
+
+
 def test_console_script_prints_one_line_and_fails(tmp_path):
     result = subprocess.run([EECNN, "test", "--ckpt_path", str(tmp_path / "missing.ckpt")],
                             capture_output=True, text=True, cwd=tmp_path)
