@@ -51,13 +51,13 @@ def load_rgb_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def expand_image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """The files named by ``inputs`` (files, folders of images, or glob patterns), in order, and one error
-    message per input that names nothing."""
+    """The files named by ``inputs`` (files, folders searched with their sub-folders, or glob patterns), in
+    order, and one error message per input that names nothing."""
     files, errors = [], []
     for pattern in inputs:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         elif path.exists():
             found = [path]
         else:

@@ -41,12 +41,34 @@ def prediction_rows(result: EarlyExitResult, classes: list[str], files: list[Pat
     return rows
 
 
+def aligned(lines: list[tuple[str, ...]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(*lines)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
 def format_table(rows: list[dict]) -> str:
     header = ("file", "class", "confidence", "exit", "MFLOPs")
-    lines = [(row.get("file", str(i)), row["class"], f"{row['confidence']:.3f}", str(row["exit"]),
-              f"{row['flops'] / 1e6:.1f}") for i, row in enumerate(rows)]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *lines])
+    return aligned([header] + [(row.get("file", str(i)), row["class"], f"{row['confidence']:.3f}", str(row["exit"]),
+                                f"{row['flops'] / 1e6:.1f}") for i, row in enumerate(rows)])
+
+
+def folder_summary(rows: list[dict], classes: list[str]) -> str:
+    """Per folder of predicted files: how many, their mean exit and, where the folder is named after a class
+    (the layout of every labelled image set, ``test/<class>/*``), the share predicted as that class."""
+    folders: dict[str, list[dict]] = {}
+    for row in rows:
+        folders.setdefault(str(Path(row["file"]).parent), []).append(row)
+    lines = [("folder", "images", "mean exit", "accuracy")]
+    labelled = 0, 0
+    for folder, group in folders.items():
+        right = sum(row["class"] == Path(folder).name for row in group)
+        known = Path(folder).name in classes
+        labelled = (labelled[0] + right, labelled[1] + len(group)) if known else labelled
+        lines.append((folder, str(len(group)), f"{sum(row['exit'] for row in group) / len(group):.2f}",
+                      f"{100 * right / len(group):.2f} %" if known else "-"))
+    if labelled[1] and len(folders) > 1:
+        lines.append(("all class folders", str(labelled[1]), "", f"{100 * labelled[0] / labelled[1]:.2f} %"))
+    return aligned(lines)
 
 
 def check_output_path(output: str | Path) -> Path:
@@ -85,6 +107,7 @@ class PredictionTable(BasePredictionWriter):
         result = EarlyExitResult.cat([EarlyExitResult(**p) for p in predictions])
         rows = prediction_rows(result, module.classes, [trainer.datamodule.files[i] for i in index])
         print(format_table(rows))
+        print(folder_summary(rows, module.classes))
         if self.output is not None:
             write_predictions(rows, self.output)
             print(f"wrote {len(rows)} predictions to {self.output}")

@@ -108,6 +108,23 @@ def test_predict_takes_files_and_globs_and_exits_zero_when_all_are_read(trained_
     assert all(name in table for name in ("whole.jpg", "rgba.png", "gray.png")) and "palette.gif" not in table
 
 
+def test_predict_on_a_tree_of_class_folders_predicts_every_image_and_scores_each_folder(
+        trained_agent, image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "predictions.jsonl"
+    main(["predict", "--ckpt_path", str(trained_agent), str(image_folder / "test"), "--output", str(output),
+          "--trainer.enable_progress_bar", "false"])
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(Path(row["file"]) for row in rows) == sorted((image_folder / "test").glob("*/*.jpg"))
+    out = capsys.readouterr().out
+    for name in CLASSES:
+        group = [row for row in rows if Path(row["file"]).parent.name == name]
+        accuracy = 100 * sum(row["class"] == name for row in group) / len(group)
+        assert re.search(rf"test/{name}\s+12\s+\d\.\d\d\s+{accuracy:.2f} %", out), name
+    overall = 100 * sum(row["class"] == Path(row["file"]).parent.name for row in rows) / len(rows)
+    assert re.search(rf"all class folders\s+48\s+{overall:.2f} %", out)
+
+
 def test_predict_bad_output_and_no_inputs_are_one_line_errors(trained_agent, tmp_path):
     for args, problem in (([str(tmp_path)], "--output"), ([], "needs image files")):
         with pytest.raises(SystemExit) as exit:
