@@ -81,7 +81,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return kept
 
 
-def last_checkpoint(config) -> tuple[Path, Any]:
+def last_checkpoint(config: Namespace) -> tuple[Path, Any]:
     """What Lightning's ``--ckpt_path last`` means for a run started afresh: the last.ckpt of the run that the
     logger settings name (its version, or the newest version holding one), and that run's version."""
     if config.checkpoint.dirpath:
