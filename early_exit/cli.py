@@ -184,11 +184,10 @@ class EarlyExitCLI(LightningCLI):
             raise InputError(f"--ckpt_path {ckpt_path} only means something to a Trainer that already ran in this "
                              "process: pass a checkpoint file, or --ckpt_path last")
         if subcommand and ckpt_path == "last":  # the run to resume is named by the parsed logger settings
-            super().parse_arguments(parser, argv)
-            ckpt_path, version = last_checkpoint(self.config[subcommand])
-            argv = _without_option(argv, "--ckpt_path") + ["--ckpt_path", str(ckpt_path)]
+            ckpt_path, version = last_checkpoint(parser.parse_args(args)[subcommand])
+            args = _without_option(argv, "--ckpt_path") + ["--ckpt_path", str(ckpt_path)]
             if version is not None:  # continue that run's TensorBoard log, not a new version's
-                argv += ["--trainer.logger.init_args.version", str(version)]
+                args += ["--trainer.logger.init_args.version", str(version)]
         if subcommand and ckpt_path:
             checkpoint = read_checkpoint(ckpt_path)
             model = checkpoint["hyper_parameters"]
@@ -198,7 +197,8 @@ class EarlyExitCLI(LightningCLI):
                 "data": data and {"class_path": data.get("_class_path", _class_path(CIFAR10DataModule)),
                                   "init_args": init_args(data)},
             })
-        super().parse_arguments(parser, argv)
+        # parse_args, not super(): Lightning warns of args given beside sys.argv, which a resume rewrites
+        self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would re-apply the checkpoint's hyper-parameters over the parsed config, silently undoing
