@@ -72,7 +72,7 @@ def main() -> None:
                 "--trainer.enable_progress_bar", "false",
                 "--trainer.default_root_dir", workdir,
                 "--checkpoint.monitor", "null",
-                "--checkpoint.save_last", "false",
+                "--last_checkpoint.save_top_k", "0",
             ],
             run=False,
         )

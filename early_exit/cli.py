@@ -81,11 +81,11 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return kept
 
 
-def last_checkpoint(config: Namespace) -> tuple[Path, Any]:
+def checkpoint_to_resume(config: Namespace) -> tuple[Path, Any]:
     """What Lightning's ``--ckpt_path last`` means for a run started afresh: the last.ckpt of the run that the
     logger settings name (its version, or the newest version holding one), and that run's version."""
-    if config.checkpoint.dirpath:
-        return Path(config.checkpoint.dirpath) / "last.ckpt", None
+    if config.last_checkpoint.dirpath:
+        return Path(config.last_checkpoint.dirpath) / "last.ckpt", None
     logger = config.trainer.logger
     if not (isinstance(logger, dict | Namespace) and logger.get("class_path", "").endswith("TensorBoardLogger")):
         raise InputError("--ckpt_path last finds runs through the TensorBoard logger's folders: pass the "
@@ -125,14 +125,17 @@ class EarlyExitCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best epoch by the monitored metric
+        # Every epoch's end as last.ckpt, to resume from: Lightning's save_last only saves when the best one does.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({
             "model": {"class_path": _class_path(EarlyExitClassifier)},
             "data": {"class_path": _class_path(CIFAR10DataModule)},
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
+            "last_checkpoint.filename": "last",
+            "last_checkpoint.enable_version_counter": False,
             "checkpoint.filename": "epoch{epoch:03d}-val_acc{val/acc:.4f}",
             "checkpoint.auto_insert_metric_name": False,
             "lr_monitor.logging_interval": "step",
@@ -184,7 +187,7 @@ class EarlyExitCLI(LightningCLI):
             raise InputError(f"--ckpt_path {ckpt_path} only means something to a Trainer that already ran in this "
                              "process: pass a checkpoint file, or --ckpt_path last")
         if subcommand and ckpt_path == "last":  # the run to resume is named by the parsed logger settings
-            ckpt_path, version = last_checkpoint(parser.parse_args(args)[subcommand])
+            ckpt_path, version = checkpoint_to_resume(parser.parse_args(args)[subcommand])
             args = _without_option(argv, "--ckpt_path") + ["--ckpt_path", str(ckpt_path)]
             if version is not None:  # continue that run's TensorBoard log, not a new version's
                 args += ["--trainer.logger.init_args.version", str(version)]

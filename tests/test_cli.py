@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import yaml
 from helpers import scalars, tiny_fit_args
 
 from early_exit.cli import main
+from early_exit.report import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 EECNN = str(Path(sys.executable).parent / "eecnn")  # the installed console script
@@ -117,6 +120,23 @@ def test_ckpt_path_last_resumes_the_latest_run_in_its_own_log(image_folder, tmp_
     message = error_of(["fit", *tiny_fit_args(image_folder), "--ckpt_path", "last",
                         "--trainer.logger.init_args.name", "elsewhere"])
     assert "no logs/elsewhere/version_*/checkpoints/last.ckpt to resume" in message
+
+
+def test_a_killed_fit_resumes_with_ckpt_path_last_to_the_same_end_and_one_log(image_folder, tmp_path):
+    args = [EECNN, "fit", *tiny_fit_args(image_folder, epochs=20)]
+    run_dir = tmp_path / "logs" / "eecnn" / "version_0"
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    subprocess.run(args + ["--ckpt_path", "last"], cwd=tmp_path, check=True, capture_output=True)
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 20 * 5  # as an uninterrupted run: 160 training images in batches of 32
+    steps = read_scalars(run_dir)["val/acc"][0]
+    assert sorted(set(steps)) == [5 * epoch - 1 for epoch in range(1, 21)]  # every epoch, in the one folder
 
 
 def test_console_script_prints_one_line_and_fails(tmp_path):
