@@ -59,15 +59,16 @@ def folder_summary(rows: list[dict], classes: list[str]) -> str:
     for row in rows:
         folders.setdefault(str(Path(row["file"]).parent), []).append(row)
     lines = [("folder", "images", "mean exit", "accuracy")]
-    labelled = 0, 0
+    labelled = right_in_labelled = 0
     for folder, group in folders.items():
         right = sum(row["class"] == Path(folder).name for row in group)
         known = Path(folder).name in classes
-        labelled = (labelled[0] + right, labelled[1] + len(group)) if known else labelled
+        if known:
+            labelled, right_in_labelled = labelled + len(group), right_in_labelled + right
         lines.append((folder, str(len(group)), f"{sum(row['exit'] for row in group) / len(group):.2f}",
                       f"{100 * right / len(group):.2f} %" if known else "-"))
-    if labelled[1] and len(folders) > 1:
-        lines.append(("all class folders", str(labelled[1]), "", f"{100 * labelled[0] / labelled[1]:.2f} %"))
+    if labelled and len(folders) > 1:
+        lines.append(("all class folders", str(labelled), "", f"{100 * right_in_labelled / labelled:.2f} %"))
     return aligned(lines)
 
 
