@@ -93,6 +93,10 @@ def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, dat
         datamodule.prepare_data()
         for stage in {"test" if split == "test" else "fit" for split in missing}:
             datamodule.setup(stage)
+        if datamodule.num_classes != classifier.hparams.num_classes:
+            raise InputError(f"the data at {datamodule.hparams.data_dir} has {datamodule.num_classes} classes but "
+                             f"the classifier {classifier.hparams.num_classes}: point the data path at images of "
+                             "the classes the classifier was trained on")
     for split in missing:
         outputs = run_exits(classifier, *datamodule.datasets[split].tensors)
         write_atomic(paths[split], lambda file, outputs=outputs: torch.save(vars(outputs), file))

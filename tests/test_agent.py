@@ -1,3 +1,5 @@
+import shutil
+
 import lightning as L
 import pytest
 import torch
@@ -155,6 +157,17 @@ def test_other_images_of_the_same_count_get_their_own_exit_cache(trained_run, im
                                 tmp_path / "cache", ("test",))["test"] for folder in (image_folder, other))
     assert first.logits.shape == second.logits.shape and not torch.equal(first.logits, second.logits)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_data_with_other_classes_than_the_classifier_is_refused_before_the_cnn_runs(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    classifier, _, _ = load_classifier(ckpt)
+    three = make_image_folder(tmp_path / "three")
+    for split in ("train", "test"):
+        shutil.rmtree(three / split / "stripe")
+    with pytest.raises(InputError, match="has 3 classes but the classifier 4"):
+        exit_cache(classifier, ckpt, CIFAR10DataModule(str(three), download=False, val_size=32), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_bad_classifier_checkpoints_are_reported(trained_run, tmp_path):
