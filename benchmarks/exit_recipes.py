@@ -31,13 +31,14 @@ def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> di
     model = classifier.model
     policies = baselines(val, test, path_flops(model), float(model.exit_flops[-1]), (saved,))
     threshold = next(p for p in policies if p["name"].startswith("max_softmax"))
-    exits, classes = range(test.num_exits), test.logits.shape[-1]
+    timing, classes = time_to_accuracy(run), test.logits.shape[-1]
     return {
         "run": run.name,
-        **{key: time_to_accuracy(run)[key] for key in ("epochs", "seconds")},
-        "test_accuracy": [100 * test.correct()[:, k].double().mean().item() for k in exits],
+        "epochs": timing["epochs"],
+        "seconds": timing["seconds"],
+        "test_accuracy": (100 * test.correct().double().mean(0)).tolist(),
         "test_ece": [100 * multiclass_calibration_error(test.logits[:, k], test.labels, classes, n_bins=15).item()
-                     for k in exits],
+                     for k in range(test.num_exits)],
         "threshold": {key: threshold[key] for key in ("accuracy", "flops_saved_pct")},
     }
 

@@ -85,18 +85,14 @@ def test_bad_data_dir_is_one_line(tmp_path):
     (["--trainer.max_epochs", "-3"], "--trainer.max_epochs must be a non-negative integer or -1"),
     (["--trainer.max_epochs", "many"], "--trainer.max_epochs: Expected a <class 'int'>, got many"),
     (["--data.batch_size", "0"], "--data.batch_size must be at least 1, got 0"),
-    (["--model.exit_weights", "[1,2]"], "--model.exit_weights needs 2 non-negative weights with a positive sum, "
-                                       "got [1.0, 2.0]: e.g. --model.exit_weights [1,1]"),
+    (["--model.exit_weights", "[1,2,3]"], "--model.exit_weights needs 2 non-negative weights with a positive sum, "
+                                         "got [1.0, 2.0, 3.0]: e.g. --model.exit_weights [1,1]"),  # 2 exits
     (["--model.head", "dense"], "--model.head: Expected a typing.Literal['mlp', 'pool', 'conv']. Got value: dense"),
     (["--trainer.no_such_flag", "1"], "unrecognized arguments: --trainer.no_such_flag 1"),
 ])
 def test_bad_settings_are_one_line_naming_the_flag(image_folder, tmp_path, monkeypatch, args, expected):
     monkeypatch.chdir(tmp_path)
-    args = tiny_fit_args(image_folder) + args
-    if "--model.exit_weights" in args:  # the tiny model has 2 exits: 2 weights it takes, [1,2] is 1 weight short
-        args[args.index("--model.exit_weights") + 1] = "[1,2,3]"
-        expected = expected.replace("[1.0, 2.0]", "[1.0, 2.0, 3.0]")
-    assert error_of(["fit", *args]).startswith(f"eecnn: error: {expected}")
+    assert error_of(["fit", *tiny_fit_args(image_folder), *args]).startswith(f"eecnn: error: {expected}")
     assert not (tmp_path / "logs").exists()  # refused before anything was written
 
 
