@@ -37,7 +37,7 @@ def eecnn_training(classifier_ckpt: str, data: str | None, workdir: str) -> dict
     args = ["--config", str(ROOT / "configs" / "agent.yaml"), "--model.classifier_ckpt", classifier_ckpt,
             "--trainer.logger.save_dir", workdir, "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", workdir]
-    cli = EarlyExitCLI(args=args + (["--model.data_dir", data] if data else []), run=False)
+    cli = EarlyExitCLI(args=args + (["--data.data_dir", data] if data else []), run=False)
     agent: ExitAgent = cli.model
     start = time.perf_counter()
     agent.setup("fit")  # reads the cache, or builds it: the CNN runs once per image and split
@@ -76,8 +76,8 @@ def seed_style_training(template: ExitAgent, images: torch.Tensor, labels: torch
             memory.append((states[k], action, outcome - h.compute_weight * float(step_costs[k]),
                            states[min(k + 1, last)], done))
             steps += 1
-            if len(memory) >= h.batch_size:
-                s, a, r, s2, d = zip(*random.sample(memory, h.batch_size))
+            if len(memory) >= h.replay_batch_size:
+                s, a, r, s2, d = zip(*random.sample(memory, h.replay_batch_size))
                 s, s2 = torch.stack(s), torch.stack(s2)
                 a, r, d = torch.tensor(a), torch.tensor(r), torch.tensor(d)
                 q = q_net(s).gather(1, a[:, None]).squeeze(1)

@@ -5,12 +5,10 @@ It never runs the CNN while training: episodes replay the frozen classifier's ca
 """
 
 import copy
-from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -19,9 +17,8 @@ from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule
 from early_exit.engine import EarlyExitEngine
 from early_exit.errors import InputError
-from early_exit.evaluation import baselines, evaluate_exits, path_flops, policy_exits
+from early_exit.evaluation import evaluate_exits, path_flops, policy_exits
 from early_exit.model import EarlyExitCNN
-from early_exit.report import classifier_run, evaluate_engine, flatten, report_figures, save_report, summary_table
 
 CONTINUE, EXIT = 0, 1
 NUM_CONFIDENCE_FEATURES = 4  # max prob, margin, entropy, agreement; then the exit one-hot
@@ -111,8 +108,11 @@ class ExitAgent(L.LightningModule):
 
     ``compute_weight`` is the knob that trades accuracy for compute: the reward for an image is
     ``reward_correct``/``reward_wrong`` at its exit minus ``compute_weight`` x the FLOPs spent on it
-    as a fraction of the full network. ``data_dir`` overrides where the classifier's data is read.
-    The greedy policy (epsilon 0) is what validation, test and checkpoints use.
+    as a fraction of the full network. The greedy policy (epsilon 0) is what validation, test and
+    checkpoints use.
+
+    The images whose exit outputs are cached come from ``data``, a ``CIFAR10DataModule`` that `eecnn` sets
+    from its ``data:`` section; left unset, it is built from the settings the classifier was trained with.
     """
 
     def __init__(
@@ -122,12 +122,11 @@ class ExitAgent(L.LightningModule):
         reward_correct: float = 1.0,
         reward_wrong: float = -1.0,
         num_exits: int = 4,
-        data_dir: str | None = None,
         cache_dir: str = "logs/exit_cache",
         hidden_size: int = 64,
         num_envs: int = 256,
         replay_size: int = 100_000,
-        batch_size: int = 512,
+        replay_batch_size: int = 512,
         gamma: float = 1.0,
         lr: float = 1e-3,
         target_sync_steps: int = 200,
@@ -146,6 +145,7 @@ class ExitAgent(L.LightningModule):
                                    nn.ReLU(), nn.Linear(hidden_size, 2))
         self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.buffer = ReplayBuffer(replay_size, state_dim)
+        self.data: CIFAR10DataModule | None = None
         self.outputs: dict[str, ExitOutputs] = {}
         self.engine: EarlyExitEngine | None = None
         self.env_steps = self.episodes = 0
@@ -158,21 +158,17 @@ class ExitAgent(L.LightningModule):
                 splits = ("val", "test") if stage == "test" else SPLITS
                 self.attach(exit_cache(classifier, self.hparams.classifier_ckpt, self.data, self.hparams.cache_dir,
                                        splits), classifier.model)
-        if stage == "test":
-            self.data.prepare_data()
-            self.data.setup("test")
 
     def load_frozen_classifier(self) -> EarlyExitClassifier:
-        """The frozen classifier this agent decides for; sets its data, class names and the engine that runs
-        the classifier's CNN with this agent as its policy."""
+        """The frozen classifier this agent decides for; sets its class names, its data if none was given and
+        the engine that runs the classifier's CNN with this agent as its policy."""
         classifier, data, self.classes = load_classifier(self.hparams.classifier_ckpt)
         if classifier.model.num_exits != self.hparams.num_exits:
             raise InputError(f"{self.hparams.classifier_ckpt} has {classifier.model.num_exits} exits but the agent "
                              f"is built for {self.hparams.num_exits}: set --model.num_exits "
                              f"{classifier.model.num_exits} or pass a matching classifier")
-        if self.hparams.data_dir is not None:
-            data["data_dir"] = self.hparams.data_dir
-        self.data = CIFAR10DataModule(**data)
+        if self.data is None:
+            self.data = CIFAR10DataModule(**data)
         self.engine = EarlyExitEngine(classifier.model, self)  # a plain object: the CNN stays out of our checkpoints
         return classifier
 
@@ -224,7 +220,7 @@ class ExitAgent(L.LightningModule):
                       batch_size=1)
         if self.env_steps < h.warmup_steps:
             return
-        s, a, r, s2, done = (t.to(self.device) for t in self.buffer.sample(h.batch_size))
+        s, a, r, s2, done = (t.to(self.device) for t in self.buffer.sample(h.replay_batch_size))
         q = self.q_net(s).gather(1, a[:, None]).squeeze(1)
         with torch.no_grad():
             q_next = self.target_net(s2)
@@ -253,25 +249,8 @@ class ExitAgent(L.LightningModule):
         self._log_policy("val", self.greedy_exits(self.outputs["val"]))
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        """The test split through the early-exit engine: report.json, plots and TensorBoard in the run's folder."""
-        images, _ = self.data.datasets["test"].tensors
-        test = self.outputs["test"]
-        val = evaluate_exits(self.greedy_exits(self.outputs["val"]), self.outputs["val"], self.costs, self.full_flops)
-        targets = {20.0, 30.0, 40.0, 50.0, 60.0, round(val["flops_saved_pct"], 1)}  # and this agent's compute
-        others = baselines(self.outputs["val"], test, self.costs, self.full_flops, tuple(sorted(targets)))
-        result, report = evaluate_engine(self.engine, images, test, self.data.classes, others)
-        self._log_policy("test", result.exit.cpu())
-        if not self.trainer.is_global_zero:
-            return
-        figures = report_figures(report, test, classifier_run(self.hparams.classifier_ckpt))
-        if self.logger is not None:
-            self.logger.log_metrics({f"report/{k}": v for k, v in flatten(report).items()}, step=self.global_step)
-            if isinstance(self.logger, TensorBoardLogger):
-                for name, figure in figures.items():
-                    self.logger.experiment.add_figure(f"report/{name}", figure, close=False)
-        folder = Path(self.trainer.log_dir)
-        save_report(report, figures, folder)
-        print(f"{summary_table(report)}\nwrote {folder / 'report.json'} and {len(figures)} plots beside it")
+        """The greedy policy on the cached test split; ``report.EarlyExitReport`` runs it through the engine."""
+        self._log_policy("test", self.greedy_exits(self.outputs["test"]))
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Normalised images (and their indices) through the early-exit engine."""

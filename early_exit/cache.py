@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from early_exit.checkpoint import init_args, read_checkpoint
+from early_exit.checkpoint import data_args, init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10_CLASSES, CIFAR10DataModule, normalize
 from early_exit.errors import InputError
@@ -55,8 +55,9 @@ def file_digest(path: Path) -> str:
 
 
 def load_classifier(path: str | Path) -> tuple[EarlyExitClassifier, dict, list[str]]:
-    """A trained classifier, frozen and in eval mode, the data settings it was trained with and its class
-    names; InputError if ``path`` is not an EarlyExitClassifier checkpoint."""
+    """A trained classifier, frozen and in eval mode, the data settings it was trained with (``data_args``:
+    less a data path that does not exist here) and its class names; InputError if ``path`` is not an
+    EarlyExitClassifier checkpoint."""
     checkpoint = read_checkpoint(path, option="--model.classifier_ckpt")
     hparams = checkpoint["hyper_parameters"]
     if hparams["_class_path"].rsplit(".", 1)[-1] != EarlyExitClassifier.__name__:
@@ -67,8 +68,7 @@ def load_classifier(path: str | Path) -> tuple[EarlyExitClassifier, dict, list[s
     num_classes = classifier.hparams.num_classes
     classes = checkpoint.get(CIFAR10DataModule.__qualname__, {}).get("classes") or \
         (list(CIFAR10_CLASSES) if num_classes == len(CIFAR10_CLASSES) else [str(c) for c in range(num_classes)])
-    data = init_args(checkpoint.get("datamodule_hyper_parameters", {}))
-    return classifier.eval().requires_grad_(False), data, classes
+    return classifier.eval().requires_grad_(False), data_args(checkpoint), classes
 
 
 @torch.no_grad()
@@ -91,12 +91,12 @@ def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, dat
     missing = [split for split in splits if not paths[split].is_file()]
     if missing:
         datamodule.prepare_data()
+        if (found := len(datamodule.find_classes())) != classifier.hparams.num_classes:
+            raise InputError(f"the data at {datamodule.hparams.data_dir} has {found} classes but the classifier "
+                             f"{classifier.hparams.num_classes}: point --data.data_dir at images of the classes the "
+                             "classifier was trained on")
         for stage in {"test" if split == "test" else "fit" for split in missing}:
             datamodule.setup(stage)
-        if datamodule.num_classes != classifier.hparams.num_classes:
-            raise InputError(f"the data at {datamodule.hparams.data_dir} has {datamodule.num_classes} classes but "
-                             f"the classifier {classifier.hparams.num_classes}: point the data path at images of "
-                             "the classes the classifier was trained on")
     for split in missing:
         outputs = run_exits(classifier, *datamodule.datasets[split].tensors)
         write_atomic(paths[split], lambda file, outputs=outputs: torch.save(vars(outputs), file))

@@ -38,11 +38,29 @@ def init_args(hparams: dict[str, Any]) -> dict[str, Any]:
 def model_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """The model's saved hyper-parameters, with a recorded ``classifier_ckpt`` that is not where it was
     looked for at training time taken from beside ``path``, the checkpoint itself: a shipped agent and
-    its classifier move together."""
+    its classifier move together. Agents saved before they read images through the ``data:`` section
+    lose their own ``data_dir`` and have their replay ``batch_size`` renamed."""
     args = init_args(checkpoint["hyper_parameters"])
+    if checkpoint["hyper_parameters"]["_class_path"].endswith(".ExitAgent") and "data_dir" in args:
+        del args["data_dir"]
+        args["replay_batch_size"] = args.pop("batch_size")
     recorded = args.get("classifier_ckpt")
     if recorded and not Path(recorded).exists() and (Path(path).parent / Path(recorded).name).is_file():
         args["classifier_ckpt"] = str(Path(path).parent / Path(recorded).name)
+    return args
+
+
+MACHINE_KEYS = ("data_dir", "download")  # where the data was on the machine that trained, and how it got there
+
+
+def data_args(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The datamodule settings a checkpoint recorded, less a data path that does not exist here (a checkpoint
+    from another machine, or a relative path read from another folder): the DataModule's default then reads
+    torchvision's CIFAR-10, downloading it if needed, unless ``--data.data_dir`` says otherwise."""
+    args = init_args(checkpoint.get("datamodule_hyper_parameters") or {})
+    if "data_dir" in args and not Path(args["data_dir"]).expanduser().exists():
+        for key in MACHINE_KEYS:
+            args.pop(key, None)
     return args
 
 
@@ -52,10 +70,14 @@ SHIPPED_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters",
 def export_checkpoint(source: str | Path, target: str | Path, half: bool = False) -> Path:
     """A slim copy of an eecnn checkpoint for shipping: the weights (floating-point ones in fp16 with
     ``half``), the model and data settings and the datamodule's state (class names), without the
-    optimiser, loop and callback state that only resuming training needs. Written atomically."""
+    optimiser, loop and callback state that only resuming training needs, nor the data path of the
+    machine that trained it. Written atomically."""
     checkpoint = read_checkpoint(source)
     slim = {key: checkpoint[key] for key in SHIPPED_KEYS if key in checkpoint}
     slim |= {key: value for key, value in checkpoint.items() if key.endswith("DataModule")}  # datamodule states
+    if "datamodule_hyper_parameters" in slim:  # a user's machine has its own data: it passes --data.data_dir
+        slim["datamodule_hyper_parameters"] = {key: value for key, value in slim["datamodule_hyper_parameters"].items()
+                                               if key not in MACHINE_KEYS}
     if half:
         slim["state_dict"] = {name: t.half() if t.is_floating_point() else t for name, t in slim["state_dict"].items()}
     target = Path(target)

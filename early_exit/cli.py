@@ -16,11 +16,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from early_exit.agent import ExitAgent
-from early_exit.checkpoint import init_args, model_args, read_checkpoint
+from early_exit.checkpoint import data_args, model_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule, ImageFilesDataModule
 from early_exit.errors import InputError
 from early_exit.inference import PredictionTable
+from early_exit.report import EarlyExitReport
 
 
 def default_precision() -> str:
@@ -108,6 +109,13 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__name__}"
 
 
+def set_data_defaults(parser: LightningArgumentParser, checkpoint: dict[str, Any]) -> None:
+    """The ``data:`` section's defaults: the settings ``checkpoint`` recorded, less a path not found here."""
+    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
+    parser.set_defaults({"data": {"class_path": recorded.get("_class_path", _class_path(CIFAR10DataModule)),
+                                  "init_args": data_args(checkpoint)}})
+
+
 class EarlyExitCLI(LightningCLI):
     """LightningCLI with eecnn's defaults: TensorBoard under ``logs/``, best and last checkpoints, step LR
     logging, and the model and data settings read from ``--ckpt_path`` so a checkpoint is enough to test it."""
@@ -115,7 +123,7 @@ class EarlyExitCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
             L.LightningModule,
-            None,  # any LightningDataModule, and optional: the exit agent replays cached outputs (data: null)
+            None,  # any LightningDataModule
             subclass_mode_model=True,
             parser_kwargs={"exit_on_error": False},  # main() prints one line instead of a usage dump
             save_config_kwargs={"overwrite": True},
@@ -161,8 +169,16 @@ class EarlyExitCLI(LightningCLI):
             raise InputError(trainer_error(str(err))) from None
         except ValueError as err:  # a model or datamodule refusing its arguments, wrapped by jsonargparse
             raise InputError(err if isinstance(err, InputError) else one_line(str(err))) from None
-        if self.subcommand != "predict":
-            return
+        if isinstance(self.model, ExitAgent):
+            # The agent reads the images once, into its exit cache; its steps come from its own loaders.
+            self.model.data, self.datamodule = self.datamodule, None
+            if self.subcommand == "test":
+                self.trainer.callbacks.append(EarlyExitReport())
+        if self.subcommand == "predict":
+            self._predict_files()
+
+    def _predict_files(self) -> None:
+        """``eecnn predict`` of an agent reads the image files given; a classifier predicts its test split."""
         config = self.config.predict
         if not isinstance(self.model, ExitAgent):
             if config.inputs:
@@ -182,6 +198,9 @@ class EarlyExitCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         argv = list(sys.argv[1:] if args is None else args)
         subcommand = argv[0] if argv and argv[0] in self.subcommands() else None
+        if (data_dir := _option(argv, "--model.data_dir")) is not None:  # the exit agent's flag until the data: section
+            raise InputError(f"--model.data_dir is not a setting: every model reads its images through the data: "
+                             f"section, pass --data.data_dir {data_dir}")
         ckpt_path = _option(argv, "--ckpt_path")
         if subcommand and ckpt_path in ("best", "hpc", "registry"):
             raise InputError(f"--ckpt_path {ckpt_path} only means something to a Trainer that already ran in this "
@@ -191,17 +210,19 @@ class EarlyExitCLI(LightningCLI):
             args = _without_option(argv, "--ckpt_path") + ["--ckpt_path", str(ckpt_path)]
             if version is not None:  # continue that run's TensorBoard log, not a new version's
                 args += ["--trainer.logger.init_args.version", str(version)]
+        defaults = self._subcommand_parsers[subcommand] if subcommand else parser  # run=False has no subcommands
         if subcommand and ckpt_path:
             checkpoint = read_checkpoint(ckpt_path)
             model = checkpoint["hyper_parameters"]
-            data = checkpoint.get("datamodule_hyper_parameters")  # None for models that bring their own data
-            self._subcommand_parsers[subcommand].set_defaults({
-                "model": {"class_path": model["_class_path"], "init_args": model_args(checkpoint, ckpt_path)},
-                "data": data and {"class_path": data.get("_class_path", _class_path(CIFAR10DataModule)),
-                                  "init_args": init_args(data)},
-            })
+            defaults.set_defaults(
+                {"model": {"class_path": model["_class_path"], "init_args": model_args(checkpoint, ckpt_path)}})
+            set_data_defaults(defaults, checkpoint)
         # parse_args, not super(): Lightning warns of args given beside sys.argv, which a resume rewrites
         self.config = parser.parse_args(args)
+        model = (self.config[subcommand] if subcommand else self.config).model
+        if model.class_path.rsplit(".", 1)[-1] == ExitAgent.__name__:  # its data defaults to its classifier's
+            set_data_defaults(defaults, read_checkpoint(model.init_args.classifier_ckpt, option="--model.classifier_ckpt"))
+            self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would re-apply the checkpoint's hyper-parameters over the parsed config, silently undoing

@@ -251,6 +251,11 @@ class CIFAR10DataModule(L.LightningDataModule):
                              "--data.data_dir at an image-folder copy, or pass --data.download true")
         return None
 
+    def find_classes(self) -> list[str]:
+        """The class names, without decoding an image: the image folder's class folders, or CIFAR-10's."""
+        root = self.image_folder()
+        return list(CIFAR10_CLASSES) if root is None else sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+
     def prepare_data(self) -> None:
         if self.image_folder() is None:
             for split in ("train", "test"):

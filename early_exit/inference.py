@@ -127,10 +127,11 @@ class EarlyExitPredictor:
                         device: str = "cpu", batch_size: int = 256) -> "EarlyExitPredictor":
         """Load an agent and the classifier it was trained for: ``classifier_ckpt``, else the path the agent
         recorded, else the file of that name beside the agent."""
-        recorded = model_args(read_checkpoint(agent_ckpt), agent_ckpt)["classifier_ckpt"]
-        classifier_ckpt = str(classifier_ckpt or recorded)
-        agent = ExitAgent.load_from_checkpoint(agent_ckpt, map_location=device, classifier_ckpt=classifier_ckpt)
-        predictor = cls(agent.eval(), batch_size)
+        checkpoint = read_checkpoint(agent_ckpt)
+        args = model_args(checkpoint, agent_ckpt)
+        agent = ExitAgent(**args | {"classifier_ckpt": str(classifier_ckpt or args["classifier_ckpt"])})
+        agent.load_state_dict(checkpoint["state_dict"])
+        predictor = cls(agent.to(device).eval(), batch_size)
         predictor.classifier.to(device)
         predictor.engine.to(device)
         return predictor

@@ -10,11 +10,14 @@ import itertools
 import platform
 from pathlib import Path
 
+import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -22,6 +25,7 @@ from torch import Tensor  # noqa: E402
 from early_exit.cache import ExitOutputs  # noqa: E402
 from early_exit.data import normalize  # noqa: E402
 from early_exit.engine import EarlyExitEngine, EarlyExitResult, images_per_second  # noqa: E402
+from early_exit.evaluation import baselines, evaluate_exits, policy_exits  # noqa: E402
 from early_exit.files import write_atomic, write_json  # noqa: E402
 
 
@@ -94,6 +98,46 @@ def evaluate_engine(engine: EarlyExitEngine, images: Tensor, outputs: ExitOutput
         "device": describe_device(next(engine.model.parameters()).device),
     }
     return result, build_report(result, outputs, classes, baselines, throughput, engine.full_flops)
+
+
+def policy_report(engine: EarlyExitEngine, images: Tensor, val: ExitOutputs, test: ExitOutputs, classes: list[str],
+                  batch_size: int = 256) -> dict:
+    """The report of ``engine``'s exit policy, whatever it is, on the uint8 test ``images`` whose all-exit
+    outputs are ``test``; threshold baselines are tuned on ``val`` to fixed savings and to the saving the
+    policy itself reaches on ``val``, so one baseline always spends what the policy spends."""
+    own = evaluate_exits(policy_exits(engine.policy, val.logits), val, engine.costs, engine.full_flops)
+    targets = sorted({20.0, 30.0, 40.0, 50.0, 60.0, round(own["flops_saved_pct"], 1)})
+    others = baselines(val, test, engine.costs, engine.full_flops, tuple(targets))
+    return evaluate_engine(engine, images, test, classes, others, batch_size)[1]
+
+
+class EarlyExitReport(Callback):
+    """``eecnn test`` of an exit policy: the test split through the early-exit engine, then report.json, plots,
+    TensorBoard scalars and figures in the run's folder, and a printed summary (on the main process only).
+
+    Reads from the tested module: ``engine`` (the CNN with the module as its policy), ``outputs`` (the
+    cached all-exit outputs of "val" and "test"), ``data`` (the DataModule of those images), ``classes``
+    and ``hparams.classifier_ckpt``, whose run's training curves are plotted if its events are found.
+    """
+
+    def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        module.data.prepare_data()
+        module.data.setup("test")
+        images, _ = module.data.datasets["test"].tensors
+        test = module.outputs["test"]
+        report = policy_report(module.engine, images, module.outputs["val"], test, module.classes,
+                               module.data.hparams.batch_size)
+        figures = report_figures(report, test, classifier_run(module.hparams.classifier_ckpt))
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"report/{k}": v for k, v in flatten(report).items()}, step=trainer.global_step)
+            if isinstance(trainer.logger, TensorBoardLogger):
+                for name, figure in figures.items():
+                    trainer.logger.experiment.add_figure(f"report/{name}", figure, close=False)
+        folder = Path(trainer.log_dir)
+        save_report(report, figures, folder)
+        print(f"{summary_table(report)}\nwrote {folder / 'report.json'} and {len(figures)} plots beside it")
 
 
 def summary_table(report: dict) -> str:

@@ -32,6 +32,7 @@ def train_agent(classifier_ckpt: str, compute_weight: float, config: Path, extra
     seconds = time.perf_counter() - start
     best = cli.trainer.checkpoint_callback.best_model_path
     agent = ExitAgent.load_from_checkpoint(best, map_location="cpu")
+    agent.data = cli.model.data  # the images the --data flags name
     agent.setup("test")  # reads the exit cache: no CNN runs
     val, test = (evaluate_exits(agent.greedy_exits(agent.outputs[split]), agent.outputs[split], agent.costs,
                                 agent.full_flops) for split in ("val", "test"))

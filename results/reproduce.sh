@@ -30,7 +30,7 @@ mv results/config.yaml results/classifier-config.yaml
 
 # 3. The agent at several compute weights against the threshold baselines, on the shipped classifier.
 /usr/bin/time -f "sweep: %e s wall" \
-  eecnn-sweep --classifier-ckpt results/classifier.ckpt --output results/sweep -- --model.data_dir "$DATA"
+  eecnn-sweep --classifier-ckpt results/classifier.ckpt --output results/sweep -- --data.data_dir "$DATA"
 
 # 4. Ship the agent with the smallest compute weight (the most accurate) that saves MIN_SAVING % on validation.
 #    Chosen on the validation split only; its best-validation-reward checkpoint is tested through the engine.
@@ -39,7 +39,7 @@ print(min((r for r in rows if r.get('val_flops_saved_pct', -1) >= float(sys.argv
           key=lambda r: r['compute_weight'])['checkpoint'])" "$MIN_SAVING")
 eecnn-export "$agent" results/agent.ckpt
 cp "$(dirname "$(dirname "$agent")")/config.yaml" results/agent-config.yaml
-eecnn test --ckpt_path results/agent.ckpt --model.data_dir "$DATA" \
+eecnn test --ckpt_path results/agent.ckpt --data.data_dir "$DATA" \
   --trainer.logger.init_args.save_dir results --trainer.logger.init_args.name "" \
   --trainer.logger.init_args.version report
 

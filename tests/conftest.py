@@ -13,15 +13,16 @@ CLASSES = ["circle", "cross", "square", "stripe"]
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])
 
 
-def make_image_folder(root: Path, train_per_class: int = 48, test_per_class: int = 12, seed: int = 0) -> Path:
+def make_image_folder(root: Path, train_per_class: int = 48, test_per_class: int = 12, seed: int = 0,
+                      classes: list[str] = CLASSES) -> Path:
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for label, name in enumerate(CLASSES):
+        for label, name in enumerate(classes):
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(count):
                 noise = rng.integers(-40, 40, size=(32, 32, 3))
-                pixels = np.clip(COLOURS[label] + noise, 0, 255).astype(np.uint8)
+                pixels = np.clip(COLOURS[label % len(COLOURS)] + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
     return root
 

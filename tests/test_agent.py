@@ -28,7 +28,7 @@ def synthetic_outputs(right: torch.Tensor, confidence: torch.Tensor) -> ExitOutp
 
 def train_agent(outputs: ExitOutputs, compute_weight: float = 0.5) -> ExitAgent:
     L.seed_everything(0)
-    agent = ExitAgent("unused.ckpt", compute_weight=compute_weight, num_envs=128, batch_size=256,
+    agent = ExitAgent("unused.ckpt", compute_weight=compute_weight, num_envs=128, replay_batch_size=256,
                       epsilon_decay_steps=300, steps_per_epoch=500, target_sync_steps=50, lr=3e-3)
     agent.attach({"train": outputs, "val": outputs, "test": outputs}, MODEL)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,

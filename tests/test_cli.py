@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_image_folder
 from helpers import scalars, tiny_fit_args
 
 from early_exit.cli import main
+from early_exit.data import CIFAR10DataModule
 from early_exit.report import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
+AGENT_CONFIG = str(ROOT / "configs" / "agent.yaml")
 EECNN = str(Path(sys.executable).parent / "eecnn")  # the installed console script
 
 
@@ -99,6 +104,64 @@ def test_bad_settings_are_one_line_naming_the_flag(image_folder, tmp_path, monke
 def test_an_agent_without_its_classifier_says_which_flag_to_pass():
     message = error_of(["fit", "--config", str(ROOT / "configs" / "agent.yaml")])
     assert message.startswith("eecnn: error: missing --model.classifier_ckpt: pass --model.classifier_ckpt")
+
+
+def agent_fit_args(trained_run: Path) -> list[str]:
+    return ["fit", "--config", AGENT_CONFIG, "--model.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"),
+            "--model.num_exits", "2", "--model.steps_per_epoch", "20", "--trainer.max_epochs", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_an_agent_reads_its_images_through_the_data_section(trained_run, image_archive, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run([*agent_fit_args(trained_run), "--data.data_dir", str(image_archive)])  # the classifier read a folder
+    run_dir = tmp_path / "logs" / "agent" / "version_0"
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]
+    assert data["data_dir"] == str(image_archive) and data["val_size"] == 32  # the rest: the classifier's settings
+    fingerprint = CIFAR10DataModule(str(image_archive), val_size=32).fingerprint()
+    assert {p.name.split("-")[2] for p in (tmp_path / "logs" / "exit_cache").iterdir()} == {f"data{fingerprint}"}
+    run(["test", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), "--data.data_dir", str(image_archive),
+         "--data.batch_size", "16", "--trainer.enable_progress_bar", "false"])
+    report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
+    assert report["throughput"]["batch_size"] == 16  # the engine reads the test images in --data.batch_size batches
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model.classifier_ckpt", "missing.ckpt"], "checkpoint missing.ckpt does not exist: check --model.classifier_ckpt"),
+    (["--data.data_dir", "nowhere.tar.gz"], "archive nowhere.tar.gz does not exist: check --data.data_dir"),
+    (["--data.data_dir", "three"], "the data at three has 3 classes but the classifier 4: point --data.data_dir at"),
+    (["--data.batch_size", "0"], "--data.batch_size must be at least 1, got 0"),
+    (["--model.data_dir", "x"], "--model.data_dir is not a setting: every model reads its images through the data: "
+                                "section, pass --data.data_dir x"),
+    (["--model.replay_batch_size", "many"], "--model.replay_batch_size: Expected a <class 'int'>. Got value: many"),
+])
+def test_bad_agent_settings_are_one_line_before_the_exit_cache_is_built(trained_run, tmp_path, monkeypatch, args,
+                                                                       expected):
+    monkeypatch.chdir(tmp_path)
+    three = make_image_folder(tmp_path / "three", train_per_class=2, test_per_class=1)
+    for split in ("train", "test"):
+        shutil.rmtree(three / split / "stripe")
+    assert error_of([*agent_fit_args(trained_run), *args]).startswith(f"eecnn: error: {expected}")
+    assert not (tmp_path / "logs" / "exit_cache").exists()
+
+
+def test_a_data_path_missing_here_falls_back_to_torchvision_cifar10_in_data(trained_run, tmp_path, monkeypatch):
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["data_dir"] = "/home/someone/cifar10-jpeg.tar.gz"  # another machine's
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    monkeypatch.chdir(tmp_path)
+    message = error_of(["test", "--ckpt_path", "moved.ckpt", "--data.download", "false"])
+    assert message == "eecnn: error: data_dir data does not exist: check --data.data_dir, or pass --data.download true"
+
+
+def test_an_agent_saved_with_its_own_data_dir_still_tests(trained_agent, tmp_path, monkeypatch):
+    checkpoint = torch.load(trained_agent, weights_only=True)
+    hparams = checkpoint["hyper_parameters"]  # as agents were saved before they read images through data:
+    hparams["data_dir"], hparams["batch_size"] = None, hparams.pop("replay_batch_size")
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    monkeypatch.chdir(tmp_path)
+    run(["test", "--ckpt_path", "old.ckpt", "--trainer.enable_progress_bar", "false"])
+    assert (tmp_path / "logs" / "eecnn" / "version_0" / "report.json").is_file()
 
 
 def test_ckpt_path_last_resumes_the_latest_run_in_its_own_log(image_folder, tmp_path, monkeypatch):

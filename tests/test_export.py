@@ -18,13 +18,14 @@ def test_exported_checkpoints_are_slim_and_test_and_predict_like_the_originals(t
     assert shipped.stat().st_size < 0.6 * source.stat().st_size  # fp16 weights, no optimiser state
     saved = torch.load(shipped, weights_only=True)
     assert "optimizer_states" not in saved and saved["CIFAR10DataModule"]["classes"]
+    assert "data_dir" not in saved["datamodule_hyper_parameters"]  # this machine's path: users pass --data.data_dir
 
     images = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8).float() / 255
     original, half = (torch.stack(load_classifier(path)[0](images), dim=1) for path in (source, shipped))
     assert torch.allclose(original, half, atol=0.05)
 
     main(["test", "--ckpt_path", "shipped/agent.ckpt", "--model.classifier_ckpt", "shipped/classifier.ckpt",
-          "--trainer.enable_progress_bar", "false"])
+          "--data.data_dir", str(image_folder), "--trainer.enable_progress_bar", "false"])
     report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
     assert report["accuracy"] > 50  # 4 well-separated classes; chance is 25 %
 

@@ -34,6 +34,22 @@ def test_predict_with_the_shipped_agent_from_another_folder(tmp_path, monkeypatc
     assert row["file"] == "photo.png" and row["class"] in CIFAR10_CLASSES and 1 <= row["exit"] <= 4
 
 
+def test_the_shipped_pair_tests_and_predicts_from_another_folder_on_any_image_folder(tmp_path, monkeypatch, capsys):
+    from conftest import make_image_folder
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: no ../shared, no results/ here
+    make_image_folder(tmp_path / "tiny", train_per_class=4, test_per_class=2, classes=list(CIFAR10_CLASSES))
+    data = ["--data.data_dir", "tiny", "--data.val_size", "10", "--trainer.enable_progress_bar", "false"]
+    main(["test", "--ckpt_path", str(RESULTS / "classifier.ckpt"), *data])
+    assert "test/acc_exit4" in capsys.readouterr().out
+    main(["test", "--ckpt_path", str(RESULTS / "agent.ckpt"), *data])
+    report = json.loads((tmp_path / "logs" / "eecnn" / "version_1" / "report.json").read_text())
+    assert list(report["per_class_accuracy"]) == list(CIFAR10_CLASSES) and len(report["per_exit_accuracy"]) == 4
+    main(["predict", "--ckpt_path", str(RESULTS / "agent.ckpt"), "tiny/test", "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr().out
+    assert "tiny/test/truck/0001.jpg" in out and re.search(r"^all class folders +20 ", out, re.M)
+
+
 def test_readme_quotes_the_shipped_report():
     report = json.loads((RESULTS / "report" / "report.json").read_text())
     table = re.search(r"<!-- results-table -->(.*?)<!-- /results-table -->", (ROOT / "README.md").read_text(), re.S)
@@ -45,7 +61,7 @@ def test_readme_quotes_the_shipped_report():
 @pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"no CIFAR-10 copy at {ARCHIVE}")
 def test_eecnn_test_reproduces_the_shipped_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["test", "--ckpt_path", str(RESULTS / "agent.ckpt"), "--model.data_dir", str(ARCHIVE),
+    main(["test", "--ckpt_path", str(RESULTS / "agent.ckpt"), "--data.data_dir", str(ARCHIVE),
           "--trainer.enable_progress_bar", "false"])
     shipped = json.loads((RESULTS / "report" / "report.json").read_text())
     fresh = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
