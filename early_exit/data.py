@@ -153,9 +153,14 @@ def find_split_root(folder: Path) -> Path:
     raise InputError(f"{folder} has no train/ and test/ folders: expected train/<class>/* and test/<class>/*")
 
 
+def class_folders(root: Path, split: str) -> list[str]:
+    """The class names of an image folder's split: its sub-folders' names, sorted."""
+    return sorted(d.name for d in (root / split).iterdir() if d.is_dir())
+
+
 def read_image_folder(root: Path, split: str) -> tuple[Tensor, Tensor, list[str]]:
     """Decode ``root/split/<class>/*`` into uint8 images (N, 3, H, W), labels and class names."""
-    class_sets = {s: sorted(d.name for d in (root / s).iterdir() if d.is_dir()) for s in ("train", "test")}
+    class_sets = {s: class_folders(root, s) for s in ("train", "test")}
     if class_sets["train"] != class_sets["test"]:
         only = set(class_sets["train"]) ^ set(class_sets["test"])
         raise InputError(f"class folders differ between {root}/train and {root}/test ({', '.join(sorted(only))}): "
@@ -229,10 +234,6 @@ class CIFAR10DataModule(L.LightningDataModule):
             digest.update(f"\n{file.relative_to(path)} {info.st_size} {info.st_mtime_ns}".encode())
         return digest.hexdigest()[:16]
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def image_folder(self) -> Path | None:
         """The image-folder root to read, unpacking an archive if needed; None means torchvision's files."""
         path = Path(self.hparams.data_dir).expanduser()
@@ -254,7 +255,7 @@ class CIFAR10DataModule(L.LightningDataModule):
     def find_classes(self) -> list[str]:
         """The class names, without decoding an image: the image folder's class folders, or CIFAR-10's."""
         root = self.image_folder()
-        return list(CIFAR10_CLASSES) if root is None else sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+        return list(CIFAR10_CLASSES) if root is None else class_folders(root, "train")
 
     def prepare_data(self) -> None:
         if self.image_folder() is None:
