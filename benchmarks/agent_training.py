@@ -4,8 +4,8 @@
 
 - eecnn: `eecnn fit --config configs/agent.yaml` as shipped: the frozen CNN's exit outputs are cached
   once (timed separately), then 256 episodes advance at once as tensor operations;
-- seed style: one episode at a time, as the seed's `train_rl_agent` does: a CNN forward on one training
-  image per episode, then one decision per exit, each followed by a DQN update on a batch sampled from a
+- seed style: one episode at a time, as the seed's `train_rl_agent` does: a CNN forward on one image
+  per episode (here a validation image, the agent's own), then one decision per exit, each followed by a DQN update on a batch sampled from a
   Python deque. It runs ``--seed-episodes`` episodes; its wall time for as many episodes as eecnn ran is
   extrapolated from that rate, and the table says so.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from early_exit.agent import EXIT, ExitAgent, exit_states
+from early_exit.agent import EXIT, NUM_CONFIDENCE_FEATURES, ExitAgent, with_weight
 from early_exit.cli import EarlyExitCLI
 from early_exit.data import normalize
 from early_exit.files import write_json
@@ -65,7 +65,8 @@ def seed_style_training(template: ExitAgent, images: torch.Tensor, labels: torch
         i = random.randrange(len(images))
         with torch.no_grad():
             logits = torch.stack(model(normalize(images[i:i + 1]).contiguous(memory_format=torch.channels_last)), 1)
-        states = exit_states(logits, h.num_exits)[0]
+        weight = torch.empty(()).uniform_(*template.weight_range())  # the episode's compute weight
+        states = with_weight(template.features(logits)[0], weight)
         right = logits[0].argmax(-1) == labels[i]
         for k in range(h.num_exits):
             epsilon = max(h.epsilon_end, 1 - steps / h.epsilon_decay_steps)
@@ -73,7 +74,7 @@ def seed_style_training(template: ExitAgent, images: torch.Tensor, labels: torch
                 action = random.randrange(2) if random.random() < epsilon else int(q_net(states[k][None]).argmax())
             done = action == EXIT or k == last
             outcome = (h.reward_correct if right[k] else h.reward_wrong) if done else 0.0
-            memory.append((states[k], action, outcome - h.compute_weight * float(step_costs[k]),
+            memory.append((states[k], action, outcome - float(weight) * float(step_costs[k]),
                            states[min(k + 1, last)], done))
             steps += 1
             if len(memory) >= h.replay_batch_size:
@@ -83,7 +84,8 @@ def seed_style_training(template: ExitAgent, images: torch.Tensor, labels: torch
                 q = q_net(s).gather(1, a[:, None]).squeeze(1)
                 with torch.no_grad():
                     q_next = target_net(s2)
-                    value = torch.where(s2[:, -1] == 1, q_next[:, EXIT], q_next.max(-1).values)
+                    is_last = s2[:, NUM_CONFIDENCE_FEATURES + h.num_exits - 1] == 1
+                    value = torch.where(is_last, q_next[:, EXIT], q_next.max(-1).values)
                     target = r + h.gamma * value * (~d)
                 loss = F.smooth_l1_loss(q, target)
                 optimizer.zero_grad()
@@ -114,7 +116,7 @@ def main() -> None:
     agent = ours.pop("agent")
     data = agent.data
     data.setup("fit")
-    seed = seed_style_training(agent, *data.datasets["train"].tensors, episodes=args.seed_episodes)
+    seed = seed_style_training(agent, *data.datasets["val"].tensors, episodes=args.seed_episodes)
     seed_total = ours["episodes"] / seed["episodes_per_s"]
     figures = {
         "eecnn": ours,

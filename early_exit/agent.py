@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from early_exit.cache import SPLITS, ExitOutputs, exit_cache, load_classifier, normalized_entropy
+from early_exit.cache import ExitOutputs, exit_cache, load_classifier, normalized_entropy
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule
 from early_exit.engine import EarlyExitEngine
@@ -21,62 +21,85 @@ from early_exit.evaluation import evaluate_exits, path_flops, policy_exits
 from early_exit.model import EarlyExitCNN
 
 CONTINUE, EXIT = 0, 1
-NUM_CONFIDENCE_FEATURES = 4  # max prob, margin, entropy, agreement; then the exit one-hot
+NUM_CONFIDENCE_FEATURES = 4  # max prob, margin, entropy, agreement; then the exit one-hot and the softmax vectors
 
 
-def exit_states(logits: Tensor, num_exits: int) -> Tensor:
-    """(N, k, 4 + num_exits) agent state at each of the k exits in (N, k, classes) ``logits``, from what is
-    known by that exit: max softmax probability, top-1/top-2 margin, normalised entropy, agreement with
-    the previous exit's prediction (0 at the first exit), and the exit index one-hot."""
+def exit_features(logits: Tensor, num_exits: int, class_aware: bool = True) -> Tensor:
+    """(N, k, 4 + num_exits [+ num_exits x classes]) what is known at each of the k exits in (N, k, classes)
+    ``logits``: max softmax probability, top-1/top-2 margin, normalised entropy, agreement with the previous
+    exit's prediction (0 at the first exit), the exit index one-hot and, if ``class_aware``, the softmax
+    vectors of every exit passed so far, zeros in place of those not reached: what lets a policy learn
+    which classes an exit confuses."""
     logits = logits.float()
-    top2 = logits.softmax(-1).topk(2, dim=-1).values
+    n, k, classes = logits.shape
+    probs = logits.softmax(-1)
+    top2 = probs.topk(2, dim=-1).values
     predictions = logits.argmax(-1)
     agrees = torch.zeros_like(top2[..., 0])
     agrees[:, 1:] = (predictions[:, 1:] == predictions[:, :-1]).float()
-    one_hot = torch.eye(num_exits, device=logits.device)[:logits.shape[1]].expand(len(logits), -1, -1)
-    return torch.cat([top2[..., :1], top2[..., :1] - top2[..., 1:], normalized_entropy(logits)[..., None],
-                      agrees[..., None], one_hot], dim=-1)
+    one_hot = torch.eye(num_exits, device=logits.device)[:k].expand(n, -1, -1)
+    scalars = torch.cat([top2[..., :1], top2[..., :1] - top2[..., 1:], normalized_entropy(logits)[..., None],
+                         agrees[..., None], one_hot], dim=-1)
+    if not class_aware:
+        return scalars
+    passed = torch.ones(k, k, device=logits.device).tril()[None, :, :, None]  # exit j has passed exits 0..j
+    seen = torch.zeros(n, k, num_exits, classes, device=logits.device)
+    seen[:, :, :k] = probs[:, None] * passed
+    return torch.cat([scalars, seen.flatten(2)], dim=-1)
+
+
+def with_weight(features: Tensor, compute_weight: Tensor) -> Tensor:
+    """The agent's state: ``features`` and the compute weight (per row, or one for all) it is asked to trade at."""
+    return torch.cat([features, compute_weight.to(features).expand(features.shape[:-1])[..., None]], dim=-1)
 
 
 class ExitEnvironment:
     """``num_envs`` exit episodes over cached exits, stepped at once.
 
-    An episode is one image: at exit k the agent sees ``features[image, k]`` and exits or continues
-    (at the last exit it must exit). Every decision at exit k pays ``compute_weight`` times the
-    relative cost of reaching it (stage k and head k over the full network); exiting also earns
-    ``reward_correct`` or ``reward_wrong``. Finished episodes restart on a new random image.
+    An episode is one image at one compute weight, drawn from ``weight_range`` when it starts: at exit
+    k the agent sees ``features[image, k]`` and that weight, and exits or continues (at the last exit
+    it must exit). Every decision at exit k pays the weight times the relative cost of reaching it
+    (stage k and head k over the full network); exiting also earns ``reward_correct`` or
+    ``reward_wrong``. Finished episodes restart on a new random image and weight.
     """
 
-    def __init__(self, features: Tensor, correct: Tensor, step_costs: Tensor, compute_weight: float,
+    def __init__(self, features: Tensor, correct: Tensor, step_costs: Tensor, weight_range: tuple[float, float],
                  reward_correct: float = 1.0, reward_wrong: float = -1.0, num_envs: int = 256) -> None:
         self.features, self.correct, self.step_costs = features, correct, step_costs.float()
-        self.compute_weight, self.reward_correct, self.reward_wrong = compute_weight, reward_correct, reward_wrong
+        self.weight_range, self.reward_correct, self.reward_wrong = weight_range, reward_correct, reward_wrong
         self.last_exit = features.shape[1] - 1
         self.image = torch.randint(len(features), (num_envs,))
         self.exit = torch.zeros(num_envs, dtype=torch.long)
+        self.weight = self.draw_weights(num_envs)
+
+    def draw_weights(self, n: int) -> Tensor:
+        low, high = self.weight_range
+        return low + (high - low) * torch.rand(n)
 
     def state(self) -> Tensor:
-        return self.features[self.image, self.exit]
+        return with_weight(self.features[self.image, self.exit], self.weight)
 
     def outcome(self, right: Tensor) -> Tensor:
         return torch.where(right, self.reward_correct, self.reward_wrong)
 
-    def rewards(self, image: Tensor, exit: Tensor, exits_now: Tensor) -> Tensor:
-        return self.outcome(self.correct[image, exit]) * exits_now - self.compute_weight * self.step_costs[exit]
+    def rewards(self, exits_now: Tensor) -> Tensor:
+        right = self.correct[self.image, self.exit]
+        return self.outcome(right) * exits_now - self.weight * self.step_costs[self.exit]
 
-    def returns(self, right: Tensor, exits: Tensor) -> Tensor:
+    def returns(self, right: Tensor, exits: Tensor, compute_weight: float) -> Tensor:
         """Total reward of episodes ending at ``exits`` with answers ``right``: the sum of their rewards."""
-        return self.outcome(right) - self.compute_weight * self.step_costs.cumsum(0)[exits]
+        return self.outcome(right) - compute_weight * self.step_costs.cumsum(0)[exits]
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Apply ``actions``; return the transitions (state, action, reward, next state, done)."""
         states = self.state()
         exits_now = (actions == EXIT) | (self.exit == self.last_exit)
         actions = torch.where(exits_now, EXIT, CONTINUE)
-        rewards = self.rewards(self.image, self.exit, exits_now)
-        next_states = self.features[self.image, (self.exit + 1).clamp(max=self.last_exit)]
+        rewards = self.rewards(exits_now)
+        next_states = with_weight(self.features[self.image, (self.exit + 1).clamp(max=self.last_exit)], self.weight)
         self.exit = torch.where(exits_now, 0, self.exit + 1)
         self.image = torch.where(exits_now, torch.randint(len(self.features), self.image.shape), self.image)
+        self.weight = torch.where(exits_now, self.draw_weights(len(self.weight)), self.weight)
         return states, actions, rewards, next_states, exits_now
 
 
@@ -106,24 +129,37 @@ class ReplayBuffer:
 class ExitAgent(L.LightningModule):
     """DQN exit policy for a trained ``EarlyExitClassifier`` checkpoint (frozen, never run while training).
 
-    ``compute_weight`` is the knob that trades accuracy for compute: the reward for an image is
-    ``reward_correct``/``reward_wrong`` at its exit minus ``compute_weight`` x the FLOPs spent on it
-    as a fraction of the full network. The greedy policy (epsilon 0) is what validation, test and
-    checkpoints use.
+    The reward for an image is ``reward_correct``/``reward_wrong`` at its exit minus a compute weight x
+    the FLOPs spent on it as a fraction of the full network. The weight is an input of the Q-network:
+    training draws one per episode from ``compute_weight_range`` (only ``compute_weight`` if None), so
+    one agent covers every budget. The greedy policy (epsilon 0) answers at ``compute_weight`` or, with
+    ``target_flops_saved``, at the weight that saves that share of FLOPs on the validation split, read
+    from the curve the checkpoint holds (``curve``: weight, FLOPs saved %, accuracy % on validation).
+    A negative weight pays for continuing; the default range starts below 0 so the curve reaches small
+    savings. ``class_aware`` adds the softmax vectors of the exits passed to the state (``exit_features``).
 
-    The images whose exit outputs are cached come from ``data``, a ``CIFAR10DataModule`` that `eecnn` sets
-    from its ``data:`` section; left unset, it is built from the settings the classifier was trained with.
+    It learns only from images the classifier never trained on: ``val_views`` views (the images, then
+    random crops and flips) of the validation split. Checkpoints are selected by the mean validation
+    reward over ``curve_points`` weights, on the plain validation images, the ones the threshold
+    baselines are tuned on; the test split serves the report only. Those images come from ``data``, a
+    ``CIFAR10DataModule`` that `eecnn` sets from its ``data:`` section; left unset, it is built from the
+    settings the classifier was trained with.
     """
 
     def __init__(
         self,
         classifier_ckpt: str,
         compute_weight: float = 0.5,
+        compute_weight_range: tuple[float, float] | None = (-0.3, 1.0),
+        target_flops_saved: float | None = None,
         reward_correct: float = 1.0,
         reward_wrong: float = -1.0,
         num_exits: int = 4,
+        num_classes: int = 10,
+        class_aware: bool = False,
+        val_views: int = 1,
         cache_dir: str = "logs/exit_cache",
-        hidden_size: int = 64,
+        hidden_size: int = 256,
         num_envs: int = 256,
         replay_size: int = 100_000,
         replay_batch_size: int = 512,
@@ -136,15 +172,23 @@ class ExitAgent(L.LightningModule):
         warmup_steps: int = 10,
         steps_per_epoch: int = 500,
         grad_clip: float = 10.0,
+        curve_points: int = 21,
     ) -> None:
         super().__init__()
+        if compute_weight_range is not None and not compute_weight_range[0] <= compute_weight_range[1]:
+            raise InputError(f"--model.compute_weight_range needs low <= high, got {list(compute_weight_range)}")
+        if target_flops_saved is not None and not 0 < target_flops_saved < 100:
+            raise InputError(f"--model.target_flops_saved is a percentage between 0 and 100, got {target_flops_saved}")
+        if val_views < 1:
+            raise InputError(f"--model.val_views must be at least 1, got {val_views}")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        state_dim = NUM_CONFIDENCE_FEATURES + num_exits
+        state_dim = NUM_CONFIDENCE_FEATURES + num_exits * (1 + num_classes * class_aware) + 1
         self.q_net = nn.Sequential(nn.Linear(state_dim, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size),
                                    nn.ReLU(), nn.Linear(hidden_size, 2))
         self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.buffer = ReplayBuffer(replay_size, state_dim)
+        self.register_buffer("curve", torch.full((curve_points, 3), float("nan")))  # measured at every validation
         self.data: CIFAR10DataModule | None = None
         self.outputs: dict[str, ExitOutputs] = {}
         self.engine: EarlyExitEngine | None = None
@@ -155,34 +199,65 @@ class ExitAgent(L.LightningModule):
         if (needs_engine and self.engine is None) or (needs_outputs and not self.outputs):
             classifier = self.load_frozen_classifier()
             if needs_outputs and not self.outputs:
-                splits = ("val", "test") if stage == "test" else SPLITS
+                views = ("val_views",) if self.hparams.val_views > 1 else ()  # one view: the images themselves
+                splits = {"fit": (*views, "val"), "test": ("val", "test")}.get(stage, ("val",))
                 self.attach(exit_cache(classifier, self.hparams.classifier_ckpt, self.data, self.hparams.cache_dir,
-                                       splits), classifier.model)
+                                       splits, self.hparams.val_views), classifier.model)
 
     def load_frozen_classifier(self) -> EarlyExitClassifier:
         """The frozen classifier this agent decides for; sets its class names, its data if none was given and
         the engine that runs the classifier's CNN with this agent as its policy."""
         classifier, data, self.classes = load_classifier(self.hparams.classifier_ckpt)
-        if classifier.model.num_exits != self.hparams.num_exits:
-            raise InputError(f"{self.hparams.classifier_ckpt} has {classifier.model.num_exits} exits but the agent "
-                             f"is built for {self.hparams.num_exits}: set --model.num_exits "
-                             f"{classifier.model.num_exits} or pass a matching classifier")
+        for name, theirs in (("num_exits", classifier.model.num_exits), ("num_classes", classifier.hparams.num_classes)):
+            if theirs != (ours := self.hparams[name]):
+                raise InputError(f"{self.hparams.classifier_ckpt} has {theirs} {name[4:]} but the agent is built for "
+                                 f"{ours}: set --model.{name} {theirs} or pass a matching classifier")
         if self.data is None:
             self.data = CIFAR10DataModule(**data)
         self.engine = EarlyExitEngine(classifier.model, self)  # a plain object: the CNN stays out of our checkpoints
         return classifier
 
     def attach(self, outputs: dict[str, ExitOutputs], model: EarlyExitCNN) -> None:
-        """Train on the "train" split and evaluate on these cached exit outputs of ``model`` (whose FLOPs set
-        the costs)."""
+        """Train on the "val_views" split (or "val" without one) and evaluate on these cached exit outputs of
+        ``model`` (whose FLOPs set the costs)."""
         self.outputs = outputs
         self.costs = path_flops(model)  # per image, answering at exit k through the engine
         self.full_flops = float(model.exit_flops[-1])
         step_costs = self.costs.diff(prepend=self.costs.new_zeros(1)) / self.full_flops
-        source = outputs.get("train", next(iter(outputs.values())))  # without "train" only its rewards are used
-        self.env = ExitEnvironment(exit_states(source.logits, self.hparams.num_exits), source.correct(),
-                                   step_costs, self.hparams.compute_weight, self.hparams.reward_correct,
+        source = outputs.get("val_views", outputs.get("val", next(iter(outputs.values()))))
+        self.env = ExitEnvironment(self.features(source.logits), source.correct(),
+                                   step_costs, self.weight_range(), self.hparams.reward_correct,
                                    self.hparams.reward_wrong, self.hparams.num_envs)
+
+    def features(self, logits: Tensor) -> Tensor:
+        """``exit_features`` of (N, k, classes) exit logits as this agent's Q-network reads them."""
+        return exit_features(logits, self.hparams.num_exits, self.hparams.class_aware)
+
+    def weight_range(self) -> tuple[float, float]:
+        h = self.hparams
+        return tuple(h.compute_weight_range) if h.compute_weight_range is not None else (h.compute_weight,) * 2
+
+    def operating_weight(self, clamp: bool = False) -> float:
+        """The compute weight the greedy policy answers at: ``compute_weight``, or the smallest weight that
+        saves ``target_flops_saved`` % on validation, interpolated on the curve; a target beyond the curve
+        is an InputError, or with ``clamp`` (while training) the weight that saves the most."""
+        target = self.hparams.target_flops_saved
+        if target is None:
+            return self.hparams.compute_weight
+        if self.curve.isnan().any():
+            raise InputError("--model.target_flops_saved needs an agent validated by `eecnn fit`: pass a checkpoint "
+                             "it wrote, or --model.compute_weight instead")
+        weights, saved = self.curve[:, 0].tolist(), self.curve[:, 1].tolist()
+        reached = next((i for i, s in enumerate(saved) if s >= target), None)
+        if reached is None and clamp:
+            return weights[-1]
+        if reached is None:
+            raise InputError(f"this agent saves at most {max(saved):.1f} % of FLOPs on validation: lower "
+                             "--model.target_flops_saved, or train with a wider --model.compute_weight_range")
+        if reached == 0:
+            return weights[0]
+        share = (target - saved[reached - 1]) / (saved[reached] - saved[reached - 1])
+        return weights[reached - 1] + share * (weights[reached] - weights[reached - 1])
 
     def on_test_start(self) -> None:
         self.engine.to(self.device)
@@ -195,16 +270,17 @@ class ExitAgent(L.LightningModule):
         progress = min(1.0, self.env_steps / max(1, h.epsilon_decay_steps))
         return h.epsilon_start + progress * (h.epsilon_end - h.epsilon_start)
 
-    def forward(self, logits: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, compute_weight: float | None = None) -> Tensor:
         """The greedy policy, as the engine asks it: for (n, k, classes) logits of the exits passed so far,
-        whether each image stops at exit k."""
+        whether each image stops at exit k, at ``compute_weight`` (by default the operating weight)."""
+        weight = torch.tensor(self.operating_weight() if compute_weight is None else compute_weight)
         with torch.no_grad():
-            q = self.q_net(exit_states(logits.to(self.device), self.hparams.num_exits)[:, -1])
+            q = self.q_net(with_weight(self.features(logits.to(self.device))[:, -1], weight))
         return q[:, EXIT] >= q[:, CONTINUE]
 
-    def greedy_exits(self, outputs: ExitOutputs) -> Tensor:
+    def greedy_exits(self, outputs: ExitOutputs, compute_weight: float | None = None) -> Tensor:
         """(N,) 0-based exit the greedy policy takes on cached exit outputs."""
-        return policy_exits(self, outputs.logits.to(self.device)).cpu()
+        return policy_exits(lambda logits: self(logits, compute_weight), outputs.logits.to(self.device)).cpu()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         h = self.hparams
@@ -222,10 +298,10 @@ class ExitAgent(L.LightningModule):
             return
         s, a, r, s2, done = (t.to(self.device) for t in self.buffer.sample(h.replay_batch_size))
         q = self.q_net(s).gather(1, a[:, None]).squeeze(1)
-        with torch.no_grad():
-            q_next = self.target_net(s2)
-            next_is_last = s2[:, -1] == 1  # at the last exit, exiting is the only action
-            value = torch.where(next_is_last, q_next[:, EXIT], q_next.max(-1).values)
+        with torch.no_grad():  # double DQN: the online network picks the next action, the target network values it
+            next_is_last = s2[:, NUM_CONFIDENCE_FEATURES + h.num_exits - 1] == 1  # where exiting is the only action
+            best = torch.where(next_is_last, EXIT, self.q_net(s2).argmax(-1))
+            value = self.target_net(s2).gather(1, best[:, None]).squeeze(1)
             target = r + h.gamma * value * (~done)
         loss = F.smooth_l1_loss(q, target)
         optimizer = self.optimizers()
@@ -233,24 +309,35 @@ class ExitAgent(L.LightningModule):
         self.manual_backward(loss)
         self.clip_gradients(optimizer, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
+        self.lr_schedulers().step()
         if self.global_step % h.target_sync_steps == 0:
             self.target_net.load_state_dict(self.q_net.state_dict())
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
 
-    def _log_policy(self, split: str, exits: Tensor) -> None:
-        result = evaluate_exits(exits, self.outputs[split], self.costs, self.full_flops)
-        right = self.outputs[split].correct().gather(1, exits[:, None]).squeeze(1)
-        metrics = {f"{split}/acc": result["accuracy"] / 100, f"{split}/flops_saved_pct": result["flops_saved_pct"],
-                   f"{split}/reward": self.env.returns(right, exits).mean().item()}
-        metrics |= {f"{split}/exit{k}_share": p for k, p in enumerate(result["exit_distribution"], start=1)}
-        self.log_dict(metrics, batch_size=1)
+    def policy_metrics(self, split: str, compute_weight: float) -> dict[str, float]:
+        """Accuracy, FLOPs saved, mean reward and exit shares of the greedy policy at ``compute_weight``."""
+        outputs = self.outputs[split]
+        exits = self.greedy_exits(outputs, compute_weight)
+        result = evaluate_exits(exits, outputs, self.costs, self.full_flops)
+        right = outputs.correct().gather(1, exits[:, None]).squeeze(1)
+        metrics = {"acc": result["accuracy"] / 100, "flops_saved_pct": result["flops_saved_pct"],
+                   "reward": self.env.returns(right, exits, compute_weight).mean().item()}
+        return metrics | {f"exit{k}_share": p for k, p in enumerate(result["exit_distribution"], start=1)}
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._log_policy("val", self.greedy_exits(self.outputs["val"]))
+        """The curve over ``curve_points`` weights; ``val/reward``, what checkpoints are selected by, is its mean."""
+        low, high = self.weight_range()
+        weights = torch.linspace(low, high, self.hparams.curve_points).tolist()
+        curve = [self.policy_metrics("val", w) for w in weights]
+        self.curve.copy_(torch.tensor([[w, m["flops_saved_pct"], 100 * m["acc"]] for w, m in zip(weights, curve)]))
+        metrics = {f"val/{k}": v for k, v in self.policy_metrics("val", self.operating_weight(clamp=True)).items()}
+        metrics["val/reward"] = sum(m["reward"] for m in curve) / len(curve)
+        self.log_dict(metrics, batch_size=1)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """The greedy policy on the cached test split; ``report.EarlyExitReport`` runs it through the engine."""
-        self._log_policy("test", self.greedy_exits(self.outputs["test"]))
+        metrics = self.policy_metrics("test", self.operating_weight())
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, batch_size=1)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Normalised images (and their indices) through the early-exit engine."""
@@ -266,5 +353,9 @@ class ExitAgent(L.LightningModule):
     def test_dataloader(self) -> DataLoader:
         return DataLoader(range(1), batch_size=None)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self) -> dict:
+        """Adam, its learning rate decaying linearly to zero over the run (constant if it has no end)."""
+        optimizer = torch.optim.Adam(self.q_net.parameters(), lr=self.hparams.lr)
+        total = self.trainer.estimated_stepping_batches
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total))
+        return {"optimizer": optimizer, "lr_scheduler": decay}

@@ -14,11 +14,11 @@ from torch import Tensor
 
 from early_exit.checkpoint import data_args, init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
-from early_exit.data import CIFAR10_CLASSES, CIFAR10DataModule, normalize
+from early_exit.data import CIFAR10_CLASSES, CIFAR10DataModule, normalize, random_crop_flip
 from early_exit.errors import InputError
 from early_exit.files import write_atomic
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # and "val_views": views of the validation images (``augmented_views``)
 
 
 @dataclass
@@ -80,14 +80,24 @@ def run_exits(classifier: EarlyExitClassifier, images: Tensor, labels: Tensor, b
     return ExitOutputs(torch.cat(logits), labels.clone())
 
 
+def augmented_views(images: Tensor, labels: Tensor, views: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``views`` copies of uint8 ``images`` (N, 3, H, W), one after the other: the images themselves, then
+    random 4-pixel crops and flips drawn with ``seed``, so a cache of them is the same on every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        copies = [images] + [random_crop_flip(images, padding=4, flip=True) for _ in range(views - 1)]
+    return torch.cat(copies), labels.repeat(views)
+
+
 def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, datamodule: CIFAR10DataModule,
-               cache_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> dict[str, ExitOutputs]:
+               cache_dir: str | Path, splits: tuple[str, ...] = SPLITS, views: int = 8) -> dict[str, ExitOutputs]:
     """The exit outputs of ``classifier`` (loaded from ``classifier_ckpt``) on ``splits``: read from the cache,
     or computed once per split and cached. The files are named by the checkpoint's content hash and the
-    data's fingerprint, so other weights or other images never read a cache built for different ones."""
+    data's fingerprint, so other weights or other images never read a cache built for different ones.
+    Split "val_views" holds ``views`` views of the validation images."""
     cache_dir = Path(cache_dir)
     stem = f"exits-{file_digest(Path(classifier_ckpt))}-data{datamodule.fingerprint()}"
-    paths = {split: cache_dir / f"{stem}-{split}.pt" for split in splits}
+    paths = {split: cache_dir / f"{stem}-{split}{views if split == 'val_views' else ''}.pt" for split in splits}
     missing = [split for split in splits if not paths[split].is_file()]
     if missing:
         datamodule.prepare_data()
@@ -98,6 +108,8 @@ def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, dat
         for stage in {"test" if split == "test" else "fit" for split in missing}:
             datamodule.setup(stage)
     for split in missing:
-        outputs = run_exits(classifier, *datamodule.datasets[split].tensors)
+        images, labels = datamodule.datasets[split.removesuffix("_views")].tensors
+        outputs = run_exits(classifier, *augmented_views(images, labels, views) if split == "val_views" else
+                            (images, labels))
         write_atomic(paths[split], lambda file, outputs=outputs: torch.save(vars(outputs), file))
     return {split: ExitOutputs(**torch.load(paths[split], weights_only=True)) for split in splits}

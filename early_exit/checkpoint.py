@@ -38,12 +38,12 @@ def init_args(hparams: dict[str, Any]) -> dict[str, Any]:
 def model_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """The model's saved hyper-parameters, with a recorded ``classifier_ckpt`` that is not where it was
     looked for at training time taken from beside ``path``, the checkpoint itself: a shipped agent and
-    its classifier move together. Agents saved before they read images through the ``data:`` section
-    lose their own ``data_dir`` and have their replay ``batch_size`` renamed."""
+    its classifier move together. An agent from before the compute weight became a Q-network input
+    (its network reads a smaller state) is an InputError that says to retrain it."""
     args = init_args(checkpoint["hyper_parameters"])
-    if checkpoint["hyper_parameters"]["_class_path"].endswith(".ExitAgent") and "data_dir" in args:
-        del args["data_dir"]
-        args["replay_batch_size"] = args.pop("batch_size")
+    if checkpoint["hyper_parameters"]["_class_path"].endswith(".ExitAgent") and "compute_weight_range" not in args:
+        raise InputError(f"{path} is an exit agent from an earlier eecnn, whose Q-network reads a smaller state: "
+                         "retrain it with `eecnn fit --config configs/agent.yaml --model.classifier_ckpt ...`")
     recorded = args.get("classifier_ckpt")
     if recorded and not Path(recorded).exists() and (Path(path).parent / Path(recorded).name).is_file():
         args["classifier_ckpt"] = str(Path(path).parent / Path(recorded).name)

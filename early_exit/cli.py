@@ -213,9 +213,12 @@ class EarlyExitCLI(LightningCLI):
         defaults = self._subcommand_parsers[subcommand] if subcommand else parser  # run=False has no subcommands
         if subcommand and ckpt_path:
             checkpoint = read_checkpoint(ckpt_path)
-            model = checkpoint["hyper_parameters"]
-            defaults.set_defaults(
-                {"model": {"class_path": model["_class_path"], "init_args": model_args(checkpoint, ckpt_path)}})
+            init = model_args(checkpoint, ckpt_path)
+            if "target_flops_saved" in init and _option(argv, "--model.compute_weight") is not None \
+                    and _option(argv, "--model.target_flops_saved") is None:
+                init["target_flops_saved"] = None  # a weight given now is the operating point, not the recorded target
+            defaults.set_defaults({"model": {"class_path": checkpoint["hyper_parameters"]["_class_path"],
+                                             "init_args": init}})
             set_data_defaults(defaults, checkpoint)
         # parse_args, not super(): Lightning warns of args given beside sys.argv, which a resume rewrites
         self.config = parser.parse_args(args)

@@ -279,9 +279,9 @@ def plot_class_exit_accuracy(report: dict) -> Figure:
     return fig
 
 
-def plot_tradeoff(policies: list[tuple[str, float, float]], baselines: list[dict]) -> Figure:
-    """Accuracy against FLOPs saved: labelled (name, flops_saved_pct, accuracy) policy points over the
-    threshold curves, fixed exits and oracle among ``baselines``."""
+def plot_tradeoff(policies: dict[str, list[tuple[str, float, float, float]]], baselines: list[dict]) -> Figure:
+    """Accuracy against FLOPs saved: each of ``policies`` a line of labelled (name, flops_saved_pct, accuracy,
+    accuracy's standard deviation) points, over the threshold curves, fixed exits and oracle among ``baselines``."""
     fig, ax = plt.subplots(figsize=(7, 5))
     for kind, style in (("max_softmax", "s--"), ("entropy", "^:")):
         points = sorted((b["flops_saved_pct"], b["accuracy"]) for b in baselines if b["name"].startswith(kind))
@@ -292,10 +292,14 @@ def plot_tradeoff(policies: list[tuple[str, float, float]], baselines: list[dict
     for b in baselines:
         if b["name"] == "oracle":
             ax.plot(b["flops_saved_pct"], b["accuracy"], "g*", markersize=12, label="oracle (upper bound)")
-    points = sorted(policies, key=lambda p: p[1])
-    ax.plot([p[1] for p in points], [p[2] for p in points], "o-", color="C3", linewidth=2, label="DQN exit agent")
-    for name, saved, accuracy in points:
-        ax.annotate(name, (saved, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for color, (label, points) in zip(("C3", "C4"), policies.items()):
+        points = sorted(points, key=lambda p: p[1])
+        if not points:
+            continue
+        _, saved, accuracy, spread = zip(*points)
+        ax.errorbar(saved, accuracy, yerr=spread, fmt="o-", color=color, linewidth=2, capsize=3, label=label)
+        for name, x, y, _ in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("FLOPs saved vs. the full network (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs. compute on the test split")
@@ -337,7 +341,8 @@ def report_figures(report: dict, outputs: ExitOutputs, classifier_run: Path | No
         "confidence": plot_confidence(outputs),
         "per_class_accuracy": plot_per_class_accuracy(report),
         "class_exit_accuracy": plot_class_exit_accuracy(report),
-        "tradeoff": plot_tradeoff([("agent", report["flops_saved_pct"], report["accuracy"])], report["baselines"]),
+        "tradeoff": plot_tradeoff({"exit agent": [("", report["flops_saved_pct"], report["accuracy"], 0.0)]},
+                                  report["baselines"]),
     }
     curves = plot_training_curves(classifier_run) if classifier_run is not None else None
     if curves is not None:

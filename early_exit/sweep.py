@@ -1,16 +1,23 @@
-"""The accuracy/compute trade-off: the exit agent trained at several compute weights, beside the baselines.
+"""One exit agent along the accuracy/compute trade-off, over several seeds, beside the threshold baselines.
 
-    eecnn-sweep --classifier-ckpt logs/classifier/version_0/checkpoints/last.ckpt --output results/sweep
+    eecnn-sweep --classifier-ckpt results/classifier.ckpt --output results/sweep
 
-Each agent is trained by `eecnn fit --config configs/agent.yaml` (extra CLI flags after ``--``) and
-measured, like every baseline, by ``evaluate_exits`` on the test split. Threshold baselines are
-tuned on the validation split to the FLOPs saving each agent reached there, and to a fixed grid.
+Each seed (``--seeds``) trains one agent by `eecnn fit --config configs/agent.yaml` (flags after ``--``
+go to every run); its Q-network takes the compute weight as an input, so one agent covers every
+budget. At each FLOPs-saving target (``--targets``) it answers at the weight its validation curve gives
+for that target, and is measured by ``evaluate_exits`` on the test split. The max-softmax and entropy
+thresholds are tuned on the same validation images to the same targets and to a 2 %-step grid, so each
+agent point is compared with the best threshold rule at the FLOPs that point spends on test.
+``--fixed-weights`` also trains one agent per fixed compute weight, as agents were trained before.
 """
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from early_exit.agent import ExitAgent
 from early_exit.cli import EarlyExitCLI
@@ -20,30 +27,80 @@ from early_exit.files import write_json, write_text
 from early_exit.report import plot_tradeoff, save_figure
 
 AGENT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "agent.yaml"
+GRID = tuple(float(t) for t in range(10, 72, 2))  # threshold tunings that draw the baseline curves
 
 
-def train_agent(classifier_ckpt: str, compute_weight: float, config: Path, extra: list[str]) -> tuple[dict, ExitAgent]:
-    """Train one agent through the CLI; return its test figures (the best checkpoint's greedy policy) and it."""
+def train_agent(classifier_ckpt: str, name: str, config: Path, extra: list[str]) -> tuple[dict, ExitAgent]:
+    """Train one agent through the CLI, logging under ``logs/<name>`` (``extra`` flags last); return how it
+    went and its best checkpoint, loaded, with the cached validation and test exit outputs attached."""
     cli = EarlyExitCLI(args=["--config", str(config), "--model.classifier_ckpt", classifier_ckpt,
-                             "--model.compute_weight", str(compute_weight),
-                             "--trainer.logger.name", f"sweep/compute_weight_{compute_weight:g}", *extra], run=False)
+                             "--trainer.logger.name", name, *extra], run=False)
     start = time.perf_counter()
     cli.trainer.fit(cli.model)
     seconds = time.perf_counter() - start
-    best = cli.trainer.checkpoint_callback.best_model_path
-    agent = ExitAgent.load_from_checkpoint(best, map_location="cpu")
+    callback = cli.trainer.checkpoint_callback
+    agent = ExitAgent.load_from_checkpoint(callback.best_model_path, map_location="cpu")
     agent.data = cli.model.data  # the images the --data flags name
     agent.setup("test")  # reads the exit cache: no CNN runs
-    val, test = (evaluate_exits(agent.greedy_exits(agent.outputs[split]), agent.outputs[split], agent.costs,
+    run = {"name": name, "checkpoint": callback.best_model_path, "val_reward": float(callback.best_model_score),
+           "train_seconds": seconds, "env_steps_per_s": cli.model.env_steps * agent.hparams.num_envs / seconds,
+           "updates_per_s": cli.trainer.global_step / seconds}
+    return run, agent
+
+
+def measure(agent: ExitAgent, name: str) -> dict:
+    """The agent's greedy policy at its operating weight (for a target it never reaches, the weight that
+    saves the most) on test, with the FLOPs it saves on validation."""
+    weight = agent.operating_weight(clamp=True)
+    val, test = (evaluate_exits(agent.greedy_exits(agent.outputs[split], weight), agent.outputs[split], agent.costs,
                                 agent.full_flops) for split in ("val", "test"))
-    row = {"name": f"agent, compute_weight {compute_weight:g}", "compute_weight": compute_weight, **test,
-           "val_flops_saved_pct": val["flops_saved_pct"], "train_seconds": seconds,
-           "env_steps_per_s": cli.model.env_steps * agent.hparams.num_envs / seconds,
-           "updates_per_s": cli.trainer.global_step / seconds, "checkpoint": best}
-    return row, agent
+    return {"name": name, "compute_weight": weight, **test, "val_flops_saved_pct": val["flops_saved_pct"]}
 
 
-def markdown_table(rows: list[dict]) -> str:
+def best_threshold_at(others: list[dict], flops_saved: float) -> float:
+    """The test accuracy of the better threshold rule (max-softmax or entropy) at ``flops_saved`` % on test,
+    interpolated along its tuned points."""
+    def curve(kind: str) -> float:
+        saved, accuracy = zip(*sorted((b["flops_saved_pct"], b["accuracy"]) for b in others if b["name"].startswith(kind)))
+        return float(np.interp(flops_saved, saved, accuracy))
+    return max(curve("max_softmax"), curve("entropy"))
+
+
+def summarise(rows: list[dict], others: list[dict], targets: list[float]) -> list[dict]:
+    """Per target: the agents' test accuracy and FLOPs saved (mean and standard deviation over seeds), the
+    thresholds tuned to the same target, and each agent's lead over the best threshold at its own FLOPs."""
+    summary = []
+    for target in targets:
+        points = [r for r in rows if r.get("target") == target]
+        accuracy, saved = [p["accuracy"] for p in points], [p["flops_saved_pct"] for p in points]
+        lead = [p["accuracy"] - best_threshold_at(others, p["flops_saved_pct"]) for p in points]
+        tuned = {b["name"].split(" ")[0]: b for b in others if b["name"].endswith(f">= {target:g}% saved")}
+        summary.append({
+            "target_flops_saved": target, "seeds": len(points),
+            "agent_accuracy": statistics.mean(accuracy), "agent_accuracy_std": statistics.pstdev(accuracy),
+            "agent_flops_saved_pct": statistics.mean(saved), "agent_flops_saved_pct_std": statistics.pstdev(saved),
+            **{f"{kind}_{key}": tuned[kind][key] for kind in ("max_softmax", "entropy")
+               for key in ("accuracy", "flops_saved_pct")},
+            "lead_over_best_threshold": statistics.mean(lead), "lead_std": statistics.pstdev(lead)})
+    return summary
+
+
+def summary_table(summary: list[dict]) -> str:
+    lines = ["| FLOPs saved target (val) | agent test accuracy (%) | agent FLOPs saved (%) | max-softmax (%) | "
+             "entropy (%) | agent lead at equal FLOPs (points) |", "|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        lines.append(
+            f"| {s['target_flops_saved']:g} | {s['agent_accuracy']:.2f} ± {s['agent_accuracy_std']:.2f} | "
+            f"{s['agent_flops_saved_pct']:.1f} ± {s['agent_flops_saved_pct_std']:.1f} | "
+            f"{s['max_softmax_accuracy']:.2f} at {s['max_softmax_flops_saved_pct']:.1f} | "
+            f"{s['entropy_accuracy']:.2f} at {s['entropy_flops_saved_pct']:.1f} | "
+            f"{s['lead_over_best_threshold']:+.2f} ± {s['lead_std']:.2f} |")
+    return "\n".join(lines) + (f"\n\nMeans ± standard deviations over {summary[0]['seeds']} agent seeds; thresholds "
+                               "tuned on validation to the same target. The lead is each agent's test accuracy minus "
+                               "the better threshold rule's, interpolated at the FLOPs that agent saves on test.\n")
+
+
+def policy_table(rows: list[dict]) -> str:
     lines = ["| policy | test accuracy (%) | FLOPs saved (%) | exit shares (%) |", "|---|---:|---:|---|"]
     for row in rows:
         shares = " / ".join(f"{100 * p:.1f}" for p in row["exit_distribution"])
@@ -51,20 +108,37 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(classifier_ckpt: str, compute_weights: list[float], output: Path, config: Path, extra: list[str]) -> list[dict]:
-    agents = []
-    for weight in compute_weights:
-        row, agent = train_agent(classifier_ckpt, weight, config, extra)
-        agents.append(row)
-    targets = sorted({round(a["val_flops_saved_pct"], 1) for a in agents} | {20.0, 30.0, 40.0, 50.0, 60.0})
-    others = baselines(agent.outputs["val"], agent.outputs["test"], agent.costs, agent.full_flops, tuple(targets))
-    rows = agents + others
+def run(classifier_ckpt: str, seeds: list[int], targets: list[float], fixed_weights: list[float], output: Path,
+        config: Path, extra: list[str]) -> dict:
+    runs, rows = [], []
+    for seed in seeds:
+        run, agent = train_agent(classifier_ckpt, f"{output.name}/seed_{seed}", config,
+                                 ["--seed_everything", str(seed), *extra])
+        runs.append(run | {"seed": seed})  # its logs: logs/<output folder name>/seed_<seed>
+        for target in targets:
+            agent.hparams.target_flops_saved = target
+            rows.append(measure(agent, f"agent seed {seed}, {target:g}% saved on val") | {"seed": seed, "target": target})
+    for weight in fixed_weights:
+        run, fixed = train_agent(classifier_ckpt, f"{output.name}/fixed_{weight:g}", config,
+                                 ["--model.compute_weight_range", "null", "--model.compute_weight", str(weight),
+                                  "--model.target_flops_saved", "null", *extra])
+        runs.append(run | {"compute_weight": weight})
+        rows.append(measure(fixed, f"agent trained at compute weight {weight:g} only") | {"fixed": True})
+    others = baselines(agent.outputs["val"], agent.outputs["test"], agent.costs, agent.full_flops,
+                       tuple(sorted(set(GRID) | set(targets))))
+    summary = summarise(rows, others, targets)
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "sweep.json", rows)
-    write_text(output / "sweep.md", markdown_table(rows))
-    points = [(f"λ={a['compute_weight']:g}", a["flops_saved_pct"], a["accuracy"]) for a in agents]
-    save_figure(plot_tradeoff(points, others), output / "sweep.png")
-    return rows
+    result = {"summary": summary, "runs": runs, "rows": rows + others}
+    write_json(output / "sweep.json", result)
+    tuned = [b for b in others if not b["name"].endswith("saved") or any(b["name"].endswith(f">= {t:g}% saved")
+                                                                          for t in targets)]
+    write_text(output / "sweep.md", summary_table(summary) + "\n" + policy_table(rows + tuned))
+    curve = [(f"{s['target_flops_saved']:g} %", s["agent_flops_saved_pct"], s["agent_accuracy"],
+              s["agent_accuracy_std"]) for s in summary]
+    fixed = [(f"λ={r['compute_weight']:g}", r["flops_saved_pct"], r["accuracy"], 0.0) for r in rows if r.get("fixed")]
+    save_figure(plot_tradeoff({f"DQN agent at each target (mean ± sd, {len(seeds)} seeds)": curve,
+                               "DQN agents trained at one compute weight each": fixed}, others), output / "sweep.png")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,16 +147,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eecnn-sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier-ckpt", required=True)
-    parser.add_argument("--compute-weights", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--targets", type=float, nargs="+", default=[20.0, 30.0, 40.0, 50.0, 60.0],
+                        help="FLOPs saved (%%) on validation to measure each agent at")
+    parser.add_argument("--fixed-weights", type=float, nargs="*", default=[],
+                        help="also train one agent per compute weight, fixed during training")
     parser.add_argument("--output", type=Path, default=Path("results/sweep"))
     parser.add_argument("--config", type=Path, default=AGENT_CONFIG)
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if bad := [t for t in args.targets if not 0 < t < 100]:
+        parser.error(f"--targets are percentages between 0 and 100, got {bad[0]:g}")
     sys.argv = sys.argv[:1]  # each agent's CLI gets its arguments from args=, not from this command's flags
     try:
-        rows = run(args.classifier_ckpt, args.compute_weights, args.output, args.config, extra)
+        result = run(args.classifier_ckpt, args.seeds, args.targets, args.fixed_weights, args.output, args.config, extra)
     except InputError as err:
         sys.exit(f"eecnn-sweep: error: {err}")
-    print(markdown_table(rows))
+    print(summary_table(result["summary"]))
     print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.md'} and {args.output / 'sweep.png'}")
 
 

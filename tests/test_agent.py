@@ -26,11 +26,13 @@ def synthetic_outputs(right: torch.Tensor, confidence: torch.Tensor) -> ExitOutp
     return ExitOutputs(logits, labels)
 
 
-def train_agent(outputs: ExitOutputs, compute_weight: float = 0.5) -> ExitAgent:
+def train_agent(outputs: ExitOutputs, compute_weight: float = 0.5, weight_range: tuple | None = None,
+                steps: int = 500) -> ExitAgent:
     L.seed_everything(0)
-    agent = ExitAgent("unused.ckpt", compute_weight=compute_weight, num_envs=128, replay_batch_size=256,
-                      epsilon_decay_steps=300, steps_per_epoch=500, target_sync_steps=50, lr=3e-3)
-    agent.attach({"train": outputs, "val": outputs, "test": outputs}, MODEL)
+    agent = ExitAgent("unused.ckpt", compute_weight=compute_weight, compute_weight_range=weight_range, num_envs=128,
+                      replay_batch_size=256, epsilon_decay_steps=300, steps_per_epoch=steps, target_sync_steps=50,
+                      lr=3e-3)
+    agent.attach({"val_views": outputs, "val": outputs, "test": outputs}, MODEL)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(agent)
@@ -71,11 +73,31 @@ def test_exits_at_the_second_exit_only_on_samples_it_is_confident_and_right_abou
     assert (exits[~easy] >= 2).float().mean() >= 0.9
 
 
+def test_one_agent_trained_over_a_range_of_compute_weights_moves_along_the_trade_off():
+    n = 2000
+    right = torch.zeros(n, 4, dtype=torch.bool)
+    right[:, 0] = torch.rand(n) < 0.6  # exit 1 is right on 60 % of images, unpredictably; exits 2 and 3 never
+    right[:, 3] = True
+    outputs = synthetic_outputs(right, torch.full((n, 4), 0.5))
+    agent = train_agent(outputs, weight_range=(0.0, 2.0), steps=800)
+    # exiting at exit 1 is worth 0.2 - 0.19 w, going to the end 1 - w: the end below w = 1, exit 1 above
+    assert (agent.greedy_exits(outputs, 0.0) == 3).float().mean() >= 0.95
+    assert (agent.greedy_exits(outputs, 2.0) == 0).float().mean() >= 0.95
+    weights, saved = agent.curve[:, 0], agent.curve[:, 1]  # measured on validation by trainer.fit
+    assert weights.tolist() == pytest.approx(torch.linspace(0, 2, 21).tolist()) and saved[0] < 1 and saved[-1] > 80
+    agent.hparams.target_flops_saved = 50.0
+    first_at_50 = float(weights[(saved >= 50).nonzero()[0]])
+    assert first_at_50 - 0.1 <= agent.operating_weight() <= first_at_50  # interpolated from the point before
+    agent.hparams.target_flops_saved = 95.0
+    with pytest.raises(InputError, match="saves at most"):
+        agent.operating_weight()
+
+
 def test_reward_bookkeeping_matches_a_hand_computation():
     features = torch.zeros(2, 3, 7)
     correct = torch.tensor([[False, True, True], [True, False, True]])
     costs = torch.tensor([0.2, 0.3, 0.5])
-    env = ExitEnvironment(features, correct, costs, compute_weight=2.0, reward_correct=1.0, reward_wrong=-3.0,
+    env = ExitEnvironment(features, correct, costs, weight_range=(2.0, 2.0), reward_correct=1.0, reward_wrong=-3.0,
                           num_envs=2)
     env.image = torch.tensor([0, 1])
     _, actions, rewards, _, done = env.step(torch.tensor([CONTINUE, EXIT]))
@@ -85,12 +107,12 @@ def test_reward_bookkeeping_matches_a_hand_computation():
     _, _, rewards, _, done = env.step(torch.tensor([EXIT, EXIT]))
     assert rewards.tolist() == pytest.approx([1.0 - 2.0 * 0.3, -3.0 - 2.0 * 0.3])
     # an episode's return is the sum of its rewards: image 0 exited at exit 2, image 1 at exit 1
-    returns = env.returns(torch.tensor([True, True]), torch.tensor([1, 0]))
+    returns = env.returns(torch.tensor([True, True]), torch.tensor([1, 0]), 2.0)
     assert returns.tolist() == pytest.approx([(-2.0 * 0.2) + (1.0 - 2.0 * 0.3), 1.0 - 2.0 * 0.2])
 
 
 def test_the_last_exit_always_exits():
-    env = ExitEnvironment(torch.zeros(4, 2, 6), torch.ones(4, 2, dtype=torch.bool), torch.tensor([0.5, 0.5]), 1.0,
+    env = ExitEnvironment(torch.zeros(4, 2, 6), torch.ones(4, 2, dtype=torch.bool), torch.tensor([0.5, 0.5]), (1.0, 1.0),
                           num_envs=3)
     env.exit[:] = 1
     _, actions, rewards, _, done = env.step(torch.full((3,), CONTINUE))
@@ -104,15 +126,15 @@ def reference_step(features, correct, costs, weight, image, exit, action):
     reward = -weight * float(costs[exit])
     if done:
         reward += 1.0 if correct[image, exit] else -1.0
-    next_state = features[image, min(exit + 1, last)]
-    return features[image, exit], EXIT if done else CONTINUE, reward, next_state, done
+    state, next_state = (torch.cat([features[image, k], torch.tensor([weight])]) for k in (exit, min(exit + 1, last)))
+    return state, EXIT if done else CONTINUE, reward, next_state, done
 
 
 def test_vectorised_environment_matches_a_one_sample_reference():
     torch.manual_seed(0)
     features, correct = torch.randn(50, 4, 8), torch.rand(50, 4) > 0.5
     costs = torch.tensor([0.19, 0.27, 0.27, 0.27])
-    env = ExitEnvironment(features, correct, costs, compute_weight=0.7, num_envs=64)
+    env = ExitEnvironment(features, correct, costs, weight_range=(0.7, 0.7), num_envs=64)
     for _ in range(20):
         images, exits = env.image.clone(), env.exit.clone()
         actions = torch.randint(2, (64,))
@@ -179,3 +201,25 @@ def test_bad_classifier_checkpoints_are_reported(trained_run, tmp_path):
     agent = ExitAgent(str(trained_run / "checkpoints" / "last.ckpt"), num_exits=4, cache_dir=str(tmp_path))
     with pytest.raises(InputError, match="has 2 exits but the agent is built for 4"):
         agent.setup("fit")
+
+
+def test_the_agent_learns_and_is_selected_on_held_out_images_only(trained_agent):
+    caches = [p.name.rsplit("-", 1)[1] for p in (trained_agent.parents[3] / "exit_cache").iterdir()]
+    assert caches == ["val.pt"]  # `eecnn fit` of an agent cached no training images
+    agent = ExitAgent.load_from_checkpoint(trained_agent, map_location="cpu")
+    agent.setup("fit")
+    assert set(agent.outputs) == {"val"} and len(agent.env.features) == len(agent.outputs["val"].labels)
+
+
+def test_val_views_hold_each_validation_image_then_random_crops_and_flips(trained_run, image_folder, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    classifier, _, _ = load_classifier(ckpt)
+    data = CIFAR10DataModule(str(image_folder), download=False, val_size=32)
+    outputs = exit_cache(classifier, ckpt, data, tmp_path, ("val_views", "val"), views=3)
+    assert sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.iterdir()) == ["val.pt", "val_views3.pt"]
+    val, views = outputs["val"], outputs["val_views"]
+    assert torch.equal(views.labels, val.labels.repeat(3))
+    assert torch.allclose(views.logits[:32], val.logits) and not torch.allclose(views.logits[32:64], val.logits)
+    agent = ExitAgent(str(ckpt), num_exits=2, num_classes=4, val_views=3)
+    agent.attach(outputs, classifier.model)
+    assert len(agent.env.features) == 3 * 32  # the agent learns on every view

@@ -108,7 +108,7 @@ def test_an_agent_without_its_classifier_says_which_flag_to_pass():
 
 def agent_fit_args(trained_run: Path) -> list[str]:
     return ["fit", "--config", AGENT_CONFIG, "--model.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"),
-            "--model.num_exits", "2", "--model.steps_per_epoch", "20", "--trainer.max_epochs", "1",
+            "--model.num_exits", "2", "--model.num_classes", "4", "--model.steps_per_epoch", "20", "--trainer.max_epochs", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -154,14 +154,23 @@ def test_a_data_path_missing_here_falls_back_to_torchvision_cifar10_in_data(trai
     assert message == "eecnn: error: data_dir data does not exist: check --data.data_dir, or pass --data.download true"
 
 
-def test_an_agent_saved_with_its_own_data_dir_still_tests(trained_agent, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags, weight, target", [([], 0.5, 40.0), (["--model.compute_weight", "0.7"], 0.7, None),
+                                                   (["--model.target_flops_saved", "55"], 0.5, 55.0)])
+def test_an_agents_operating_point_is_chosen_when_it_is_tested(trained_agent, capsys, flags, weight, target):
+    run(["test", "--ckpt_path", str(trained_agent), *flags, "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert (model["compute_weight"], model["target_flops_saved"]) == (weight, target)  # a weight replaces the target
+
+
+def test_an_agent_from_an_earlier_eecnn_says_to_retrain_it(trained_agent, tmp_path, monkeypatch):
     checkpoint = torch.load(trained_agent, weights_only=True)
-    hparams = checkpoint["hyper_parameters"]  # as agents were saved before they read images through data:
+    hparams = checkpoint["hyper_parameters"]  # as agents were saved before the compute weight was a state input
     hparams["data_dir"], hparams["batch_size"] = None, hparams.pop("replay_batch_size")
+    del hparams["compute_weight_range"], hparams["target_flops_saved"]
     torch.save(checkpoint, tmp_path / "old.ckpt")
     monkeypatch.chdir(tmp_path)
-    run(["test", "--ckpt_path", "old.ckpt", "--trainer.enable_progress_bar", "false"])
-    assert (tmp_path / "logs" / "eecnn" / "version_0" / "report.json").is_file()
+    message = error_of(["test", "--ckpt_path", "old.ckpt"])
+    assert message.startswith("eecnn: error: old.ckpt is an exit agent from an earlier eecnn") and "retrain" in message
 
 
 def test_ckpt_path_last_resumes_the_latest_run_in_its_own_log(image_folder, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from early_exit import ExitAgent
-from early_exit.agent import CONTINUE, EXIT, NUM_CONFIDENCE_FEATURES, exit_states
+from early_exit.agent import CONTINUE, EXIT, NUM_CONFIDENCE_FEATURES, with_weight
 from early_exit.engine import EarlyExitEngine, inference_copy
 from early_exit.evaluation import ThresholdPolicy, confidence_scores, path_flops, policy_exits
 from early_exit.model import EarlyExitCNN
@@ -36,7 +36,8 @@ def random_agent(model: EarlyExitCNN, images: torch.Tensor) -> ExitAgent:
     agent = ExitAgent("unused.ckpt").eval()
     with torch.no_grad():
         agent.q_net[0].weight[:, NUM_CONFIDENCE_FEATURES:] = 0  # decide on the logits, not on the exit index
-        q = agent.q_net(exit_states(torch.stack(model(images), dim=1), agent.hparams.num_exits))
+        features = agent.features(torch.stack(model(images), dim=1))
+        q = agent.q_net(with_weight(features, torch.tensor(agent.hparams.compute_weight)))
         agent.q_net[-1].bias[EXIT] -= (q[..., EXIT] - q[..., CONTINUE]).median()
     return agent
 
@@ -61,7 +62,7 @@ def test_engine_equals_the_all_exits_computation(batch, policy_kind):
     result = EarlyExitEngine(model, policy)(images)
     assert torch.equal(result.exit, exits)
     assert torch.equal(result.prediction, predictions)
-    assert torch.allclose(result.confidence, confidence, atol=1e-5)
+    assert torch.allclose(result.confidence, confidence, atol=1e-4)  # stages run on sub-batches: float rounding
     assert torch.equal(result.flops, path_flops(model)[exits])
     if batch == 257:  # the policy must really split the batch for the test to mean anything
         assert len(exits.unique()) >= 2
