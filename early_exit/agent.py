@@ -17,14 +17,14 @@ from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule
 from early_exit.engine import EarlyExitEngine
 from early_exit.errors import InputError
-from early_exit.evaluation import evaluate_exits, path_flops, policy_exits
+from early_exit.evaluation import evaluate_exits, first_exit, path_flops
 from early_exit.model import EarlyExitCNN
 
 CONTINUE, EXIT = 0, 1
 NUM_CONFIDENCE_FEATURES = 4  # max prob, margin, entropy, agreement; then the exit one-hot and the softmax vectors
 
 
-def exit_features(logits: Tensor, num_exits: int, class_aware: bool = True) -> Tensor:
+def exit_features(logits: Tensor, num_exits: int, class_aware: bool) -> Tensor:
     """(N, k, 4 + num_exits [+ num_exits x classes]) what is known at each of the k exits in (N, k, classes)
     ``logits``: max softmax probability, top-1/top-2 margin, normalised entropy, agreement with the previous
     exit's prediction (0 at the first exit), the exit index one-hot and, if ``class_aware``, the softmax
@@ -279,8 +279,12 @@ class ExitAgent(L.LightningModule):
         return q[:, EXIT] >= q[:, CONTINUE]
 
     def greedy_exits(self, outputs: ExitOutputs, compute_weight: float | None = None) -> Tensor:
-        """(N,) 0-based exit the greedy policy takes on cached exit outputs."""
-        return policy_exits(lambda logits: self(logits, compute_weight), outputs.logits.to(self.device)).cpu()
+        """(N,) 0-based exit the greedy policy takes on cached exit outputs, at ``compute_weight`` (by default
+        the operating weight): one Q-network pass over every exit, since exit k's features read exits 0..k only."""
+        weight = torch.tensor(self.operating_weight() if compute_weight is None else compute_weight)
+        with torch.no_grad():
+            q = self.q_net(with_weight(self.features(outputs.logits.to(self.device)), weight))
+        return first_exit(q[..., EXIT] >= q[..., CONTINUE]).cpu()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         h = self.hparams

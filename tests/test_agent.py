@@ -6,10 +6,10 @@ import torch
 from conftest import make_image_folder
 
 from early_exit import ExitAgent, InputError
-from early_exit.agent import CONTINUE, EXIT, ExitEnvironment
+from early_exit.agent import CONTINUE, EXIT, ExitEnvironment, with_weight
 from early_exit.cache import ExitOutputs, exit_cache, load_classifier
 from early_exit.data import CIFAR10DataModule
-from early_exit.evaluation import first_exit
+from early_exit.evaluation import first_exit, policy_exits
 from early_exit.model import EarlyExitCNN
 
 CLASSES = 10
@@ -223,3 +223,17 @@ def test_val_views_hold_each_validation_image_then_random_crops_and_flips(traine
     agent = ExitAgent(str(ckpt), num_exits=2, num_classes=4, val_views=3)
     agent.attach(outputs, classifier.model)
     assert len(agent.env.features) == 3 * 32  # the agent learns on every view
+
+
+@pytest.mark.parametrize("class_aware", [False, True])
+def test_greedy_exits_on_cached_outputs_are_the_exits_the_engine_asks_for_one_exit_at_a_time(class_aware):
+    torch.manual_seed(0)
+    outputs = ExitOutputs(torch.randn(500, 4, CLASSES) * 3, torch.randint(CLASSES, (500,)))
+    agent = ExitAgent("unused.ckpt", class_aware=class_aware)
+    for weight in (-0.3, 0.2, 1.0):  # the engine passes the logits of the exits reached so far
+        with torch.no_grad():  # an exit bias that stops about half the states, so the policy splits the images
+            q = agent.q_net(with_weight(agent.features(outputs.logits), torch.tensor(weight)))
+            agent.q_net[-1].bias[EXIT] -= (q[..., EXIT] - q[..., CONTINUE]).median()
+        one_at_a_time = policy_exits(lambda logits: agent(logits, weight), outputs.logits)
+        assert torch.equal(agent.greedy_exits(outputs, weight), one_at_a_time)
+        assert len(one_at_a_time.unique()) >= 2
