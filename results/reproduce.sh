@@ -43,6 +43,7 @@ agent=$(python -c "import json; runs = json.load(open('results/sweep/sweep.json'
 print(max((r for r in runs if 'seed' in r), key=lambda r: r['val_reward'])['checkpoint'])")
 eecnn-export "$agent" results/agent.ckpt
 cp "$(dirname "$(dirname "$agent")")/config.yaml" results/agent-config.yaml
+rm -rf results/report  # the report's folder holds one run's events and plots, not every rerun's
 eecnn test --ckpt_path results/agent.ckpt --data.data_dir "$DATA" \
   --trainer.logger.init_args.save_dir results --trainer.logger.init_args.name "" \
   --trainer.logger.init_args.version report
