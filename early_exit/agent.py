@@ -270,21 +270,22 @@ class ExitAgent(L.LightningModule):
         progress = min(1.0, self.env_steps / max(1, h.epsilon_decay_steps))
         return h.epsilon_start + progress * (h.epsilon_end - h.epsilon_start)
 
+    def stops(self, logits: Tensor, compute_weight: float | None = None) -> Tensor:
+        """(N, k) whether the greedy policy stops at each of the k exits in (N, k, classes) ``logits``, at
+        ``compute_weight`` (by default the operating weight); exit k's answer reads exits 0..k only."""
+        weight = torch.tensor(self.operating_weight() if compute_weight is None else compute_weight)
+        with torch.no_grad():
+            q = self.q_net(with_weight(self.features(logits.to(self.device)), weight))
+        return q[..., EXIT] >= q[..., CONTINUE]
+
     def forward(self, logits: Tensor, compute_weight: float | None = None) -> Tensor:
         """The greedy policy, as the engine asks it: for (n, k, classes) logits of the exits passed so far,
-        whether each image stops at exit k, at ``compute_weight`` (by default the operating weight)."""
-        weight = torch.tensor(self.operating_weight() if compute_weight is None else compute_weight)
-        with torch.no_grad():
-            q = self.q_net(with_weight(self.features(logits.to(self.device))[:, -1], weight))
-        return q[:, EXIT] >= q[:, CONTINUE]
+        whether each image stops at exit k."""
+        return self.stops(logits, compute_weight)[:, -1]
 
     def greedy_exits(self, outputs: ExitOutputs, compute_weight: float | None = None) -> Tensor:
-        """(N,) 0-based exit the greedy policy takes on cached exit outputs, at ``compute_weight`` (by default
-        the operating weight): one Q-network pass over every exit, since exit k's features read exits 0..k only."""
-        weight = torch.tensor(self.operating_weight() if compute_weight is None else compute_weight)
-        with torch.no_grad():
-            q = self.q_net(with_weight(self.features(outputs.logits.to(self.device)), weight))
-        return first_exit(q[..., EXIT] >= q[..., CONTINUE]).cpu()
+        """(N,) 0-based exit the greedy policy takes on cached exit outputs: one pass over every exit."""
+        return first_exit(self.stops(outputs.logits, compute_weight)).cpu()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         h = self.hparams

@@ -113,15 +113,15 @@ def run(classifier_ckpt: str, seeds: list[int], targets: list[float], fixed_weig
     runs, rows = [], []
     for seed in seeds:
         trained, agent = train_agent(classifier_ckpt, f"{output.name}/seed_{seed}", config,
-                                 ["--seed_everything", str(seed), *extra])
+                                     ["--seed_everything", str(seed), *extra])
         runs.append(trained | {"seed": seed})  # its logs: logs/<output folder name>/seed_<seed>
         for target in targets:
             agent.hparams.target_flops_saved = target
             rows.append(measure(agent, f"agent seed {seed}, {target:g}% saved on val") | {"seed": seed, "target": target})
     for weight in fixed_weights:
         trained, fixed_agent = train_agent(classifier_ckpt, f"{output.name}/fixed_{weight:g}", config,
-                                 ["--model.compute_weight_range", "null", "--model.compute_weight", str(weight),
-                                  "--model.target_flops_saved", "null", *extra])
+                                           ["--model.compute_weight_range", "null", "--model.compute_weight",
+                                            str(weight), "--model.target_flops_saved", "null", *extra])
         runs.append(trained | {"compute_weight": weight})
         rows.append(measure(fixed_agent, f"agent trained at compute weight {weight:g} only") | {"fixed": True})
     others = baselines(agent.outputs["val"], agent.outputs["test"], agent.costs, agent.full_flops,
