@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from early_exit.errors import InputError
-from early_exit.model import SEED_HEAD_DROPOUT, SEED_STAGE_DROPOUT, EarlyExitCNN, HeadKind
+from early_exit.model import SEED_HEAD_DROPOUT, SEED_STAGE_DROPOUT, EarlyExitCNN, HeadKind, patch_covariance
 
 
 class EarlyExitClassifier(L.LightningModule):
@@ -28,6 +28,9 @@ class EarlyExitClassifier(L.LightningModule):
     With ``distillation_weight`` > 0 the final exit also teaches the earlier ones during training:
     each early exit's loss mixes in the KL divergence to the final exit's (detached) softened
     prediction, because the early exits' accuracy is what any compute saving is made of.
+
+    With ``whiten_stem`` the first conv starts as a whitening filter bank computed from the first training
+    batch's 3x3 patches (averaged over all ranks under DDP), as airbench's stem does, rather than at random.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class EarlyExitClassifier(L.LightningModule):
         lr_schedule: Literal["linear", "onecycle", "cosine", "constant"] = "onecycle",
         warmup_fraction: float = 0.15,
         channels_last: bool = True,
+        whiten_stem: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -124,6 +128,9 @@ class EarlyExitClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.hparams.whiten_stem and self.global_step == 0 and batch_idx == 0:  # a fresh run, not a resume
+            covariance = self.trainer.strategy.reduce(patch_covariance(batch[0]), reduce_op="mean")
+            self.model.whiten_stem(covariance)
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -30,6 +31,14 @@ class Stage(nn.Sequential):
         layers += conv_bn_relu(out_channels, out_channels)
         layers.append(nn.MaxPool2d(2))
         super().__init__(*layers)
+
+
+def patch_covariance(images: Tensor, kernel_size: int = 3) -> Tensor:
+    """The second-moment matrix, (C·k·k)², of every k x k patch of the (N, C, H, W) ``images``: what a stem that
+    whitens its input is computed from."""
+    patches = F.unfold(images.float(), kernel_size)  # (N, C·k·k, patches per image), ordered like conv weights
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return patches.T @ patches / len(patches)
 
 
 HeadKind = Literal["mlp", "pool", "conv"]
@@ -130,6 +139,21 @@ class EarlyExitCNN(nn.Module):
             x = stage(x)
             logits.append(head(x))
         return logits
+
+    @torch.no_grad()
+    def whiten_stem(self, covariance: Tensor, eps: float = 5e-4) -> None:
+        """Initialise the first conv as a whitening filter bank (airbench's stem, on the first conv itself):
+        filter i is the i-th principal direction of the input's 3x3 patches (``covariance``, from
+        :func:`patch_covariance`) scaled to unit response variance, and the next filters are their negations,
+        so the ReLU keeps both signs. The stem then starts as a decorrelated, lossless view of the image
+        instead of random filters; filters beyond twice the patch size keep their initialisation."""
+        conv = self.stages[0][0]
+        values, vectors = torch.linalg.eigh(covariance.to(conv.weight.device, torch.float64))
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)  # largest variance first
+        k = min(len(values), conv.out_channels // 2)
+        filters = (vectors[:, :k] / (values[:k] + eps).sqrt()).T.reshape(k, *conv.weight.shape[1:])
+        conv.weight[:k] = filters.to(conv.weight.dtype)
+        conv.weight[k:2 * k] = -filters.to(conv.weight.dtype)
 
     @property
     def exit_flops(self) -> list[int]:

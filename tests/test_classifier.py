@@ -80,3 +80,26 @@ def test_weight_decay_spares_norms_and_biases_and_the_linear_schedule_warms_up_t
         scheduler.step()
     assert lrs[0] == pytest.approx(0.4 / 25) and max(lrs) == pytest.approx(0.4) and lrs.index(max(lrs)) == 24
     assert all(a >= b for a, b in zip(lrs[25:], lrs[26:])) and lrs[-1] < 0.4 / 50
+
+
+def test_a_whitened_stem_is_computed_once_at_a_fresh_start_and_never_on_resume(image_folder, tmp_path, monkeypatch):
+    from early_exit.model import EarlyExitCNN
+
+    calls = []
+    whiten = EarlyExitCNN.whiten_stem
+    monkeypatch.setattr(EarlyExitCNN, "whiten_stem", lambda self, cov: calls.append(cov.shape) or whiten(self, cov))
+
+    def fit(epochs: int, ckpt_path: str | None = None) -> L.Trainer:
+        L.seed_everything(0)
+        data = CIFAR10DataModule(str(image_folder), download=False, val_size=32, batch_size=32)
+        model = EarlyExitClassifier(num_classes=4, num_stages=2, width=0.125, whiten_stem=True, lr_schedule="constant",
+                                    optimizer=lambda params: torch.optim.SGD(params, lr=0.01))  # not in hparams
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return trainer
+
+    fit(1).save_checkpoint(tmp_path / "epoch1.ckpt")
+    assert calls == [(27, 27)]  # the first batch's 3x3 RGB patches, once
+    fit(2, str(tmp_path / "epoch1.ckpt"))
+    assert calls == [(27, 27)]  # resuming keeps the trained stem

@@ -61,3 +61,20 @@ def test_pool_head_keeps_a_4x4_grid_and_conv_head_costs_two_strided_convs():
 def test_unknown_head_is_refused():
     with pytest.raises(ValueError, match="head must be one of mlp, pool, conv"):
         EarlyExitCNN(head="attention")
+
+
+def test_a_whitened_stem_answers_correlated_images_with_decorrelated_unit_variance_channels():
+    from early_exit.model import patch_covariance
+
+    torch.manual_seed(0)
+    # Smooth, strongly correlated images: neighbouring pixels and channels move together.
+    images = torch.nn.functional.avg_pool2d(torch.randn(64, 1, 34, 34), 3, stride=1).repeat(1, 3, 1, 1)
+    images = images + 0.1 * torch.randn_like(images)
+    model = EarlyExitCNN(num_classes=4, num_stages=1, width=1.0)  # a 64-filter stem: 27 directions and their negations
+    model.whiten_stem(patch_covariance(images), eps=0.0)
+    conv = model.stages[0][0]
+    responses = torch.nn.functional.conv2d(images, conv.weight.detach())  # valid patches only, as measured
+    flat = responses.transpose(0, 1).reshape(64, -1)
+    covariance = flat[:27] @ flat[:27].T / flat.shape[1]
+    assert torch.allclose(covariance, torch.eye(27), atol=2e-2)
+    assert torch.equal(conv.weight[27:54], -conv.weight[:27])
