@@ -145,8 +145,9 @@ class EarlyExitCNN(nn.Module):
         """Initialise the first conv as a whitening filter bank (airbench's stem, on the first conv itself):
         filter i is the i-th principal direction of the input's 3x3 patches (``covariance``, from
         :func:`patch_covariance`) scaled to unit response variance, and the next filters are their negations,
-        so the ReLU keeps both signs. The stem then starts as a decorrelated, lossless view of the image
-        instead of random filters; filters beyond twice the patch size keep their initialisation."""
+        so the ReLU keeps both signs. The stem then starts as a decorrelated view of the image (a lossless one
+        with 54 filters or more) instead of random filters; filters beyond twice the patch size keep their
+        initialisation."""
         conv = self.stages[0][0]
         values, vectors = torch.linalg.eigh(covariance.to(conv.weight.device, torch.float64))
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)  # largest variance first

@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from early_exit import CIFAR10DataModule, EarlyExitClassifier
+from early_exit.model import EarlyExitCNN
 
 
 class RecordExitWeights(Callback):
@@ -83,8 +84,6 @@ def test_weight_decay_spares_norms_and_biases_and_the_linear_schedule_warms_up_t
 
 
 def test_a_whitened_stem_is_computed_once_at_a_fresh_start_and_never_on_resume(image_folder, tmp_path, monkeypatch):
-    from early_exit.model import EarlyExitCNN
-
     calls = []
     whiten = EarlyExitCNN.whiten_stem
     monkeypatch.setattr(EarlyExitCNN, "whiten_stem", lambda self, cov: calls.append(cov.shape) or whiten(self, cov))

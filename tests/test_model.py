@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from early_exit.model import EarlyExitCNN
+from early_exit.model import EarlyExitCNN, patch_covariance
 
 
 def conv_flops(c_in: int, c_out: int, size: int) -> int:
@@ -64,8 +64,6 @@ def test_unknown_head_is_refused():
 
 
 def test_a_whitened_stem_answers_correlated_images_with_decorrelated_unit_variance_channels():
-    from early_exit.model import patch_covariance
-
     torch.manual_seed(0)
     # Smooth, strongly correlated images: neighbouring pixels and channels move together.
     images = torch.nn.functional.avg_pool2d(torch.randn(64, 1, 34, 34), 3, stride=1).repeat(1, 3, 1, 1)
