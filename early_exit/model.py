@@ -153,8 +153,7 @@ class EarlyExitCNN(nn.Module):
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)  # largest variance first
         k = min(len(values), conv.out_channels // 2)
         filters = (vectors[:, :k] / (values[:k] + eps).sqrt()).T.reshape(k, *conv.weight.shape[1:])
-        conv.weight[:k] = filters.to(conv.weight.dtype)
-        conv.weight[k:2 * k] = -filters.to(conv.weight.dtype)
+        conv.weight[:2 * k] = torch.cat([filters, -filters]).to(conv.weight.dtype)
 
     @property
     def exit_flops(self) -> list[int]:
