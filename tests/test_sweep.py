@@ -37,5 +37,7 @@ def test_sweep_measures_one_agent_per_seed_along_the_curve_against_thresholds(tr
         assert summary["agent_accuracy"] == pytest.approx(sum(p["accuracy"] for p in points) / 2)
         leads = [p["accuracy"] - best_threshold_at(rows, p["flops_saved_pct"]) for p in points]
         assert summary["lead_over_best_threshold"] == pytest.approx(sum(leads) / 2)
+        ceiling = [p["accuracy"] - best_threshold_at(result["tuned_on_test"], p["flops_saved_pct"]) for p in points]
+        assert summary["lead_over_test_tuned_threshold"] == pytest.approx(sum(ceiling) / 2)
     for row in rows:
         assert sum(row["exit_distribution"]) == pytest.approx(1.0)
