@@ -61,3 +61,13 @@ arm whiten --data.batch_size 256 --model.optimizer.lr 0.2
 arm whiten-b64
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{default,whiten,whiten-b64} --data "$DATA" \
   --output results/ablation-round2.json
+
+# Round 3 (rows 8b-10), one change each against row 8 (configs/cifar10.yaml), two at a time side by side with one
+# thread each: 8b. row 8 again at another seed, to read the table's noise; 9. four times the weight decay, at seeds
+# 0 and 1; 10. MSDNet's conv exits.
+arm seed1 --seed_everything 1
+arm wd2e-3 --model.optimizer.weight_decay 0.002
+arm wd2e-3-seed1 --seed_everything 1 --model.optimizer.weight_decay 0.002
+arm conv-head --model.head conv
+python benchmarks/exit_recipes.py logs/ablation/w05-e4-{seed1,wd2e-3,wd2e-3-seed1,conv-head} --data "$DATA" \
+  --output results/ablation-round3.json
