@@ -62,12 +62,14 @@ arm whiten-b64
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{default,whiten,whiten-b64} --data "$DATA" \
   --output results/ablation-round2.json
 
-# Round 3 (rows 8b-10), one change each against row 8 (configs/cifar10.yaml), two at a time side by side with one
+# Round 3 (rows 8b-12), one change each against row 8 (configs/cifar10.yaml), run two at a time side by side, one
 # thread each: 8b. row 8 again at another seed, to read the table's noise; 9. four times the weight decay, at seeds
-# 0 and 1; 10. MSDNet's conv exits.
+# 0 and 1; 10. MSDNet's conv exits; 11. twice the weight decay; 12. batch 32 at lr 0.025.
 arm seed1 --seed_everything 1
 arm wd2e-3 --model.optimizer.weight_decay 0.002
 arm wd2e-3-seed1 --seed_everything 1 --model.optimizer.weight_decay 0.002
 arm conv-head --model.head conv
-python benchmarks/exit_recipes.py logs/ablation/w05-e4-{seed1,wd2e-3,wd2e-3-seed1,conv-head} --data "$DATA" \
+arm wd1e-3 --model.optimizer.weight_decay 0.001
+arm b32 --data.batch_size 32 --model.optimizer.lr 0.025
+python benchmarks/exit_recipes.py logs/ablation/w05-e4-{seed1,wd2e-3,wd2e-3-seed1,conv-head,wd1e-3,b32} --data "$DATA" \
   --output results/ablation-round3.json
