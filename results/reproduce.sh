@@ -49,13 +49,13 @@ eecnn-sweep --classifier-ckpt results/classifier.ckpt --output results/sweep-val
   -- --data.data_dir "$DATA" --model.val_views 8
 
 # 4. Ship the seed with the best validation reward (chosen on the validation split only), at the config's
-#    target_flops_saved; its best checkpoint is tested through the engine.
+#    target_flops_saved; its best checkpoint is tested through the engine, in fp32 on any CPU.
 agent=$(python -c "import json; runs = json.load(open('results/sweep/sweep.json'))['runs']
 print(max((r for r in runs if 'seed' in r), key=lambda r: r['val_reward'])['checkpoint'])")
 eecnn-export "$agent" results/agent.ckpt
 cp "$(dirname "$(dirname "$agent")")/config.yaml" results/agent-config.yaml
 rm -rf results/report  # the report's folder holds one run's events and plots, not every rerun's
-eecnn test --ckpt_path results/agent.ckpt --data.data_dir "$DATA" \
+eecnn test --ckpt_path results/agent.ckpt --data.data_dir "$DATA" --trainer.precision 32-true \
   --trainer.logger.init_args.save_dir results --trainer.logger.init_args.name "" \
   --trainer.logger.init_args.version report
 
