@@ -31,7 +31,7 @@ train "$RUN" "${SHIPPED[@]}"
 DEFAULT_RUN=logs/default-recipe/version_0
 train "$DEFAULT_RUN" --config configs/cifar10.yaml
 # 1c. The default recipe at full size for 14 epochs, as committed and with row 9's weight decay of 2e-3: the
-#     proxy's winner confirmed, or not, at full size (on the later session's Zen 4, about 54 min each alone).
+#     proxy's winner confirmed, or not, at full size (47 and 54 min alone on the later session's Zen 4).
 LONG_RUNS=(logs/full/e14 logs/full/e14-wd2e-3)
 train "${LONG_RUNS[0]}" --config configs/cifar10.yaml --trainer.max_epochs 14
 train "${LONG_RUNS[1]}" --config configs/cifar10.yaml --trainer.max_epochs 14 --model.optimizer.weight_decay 0.002
