@@ -75,8 +75,8 @@ def summarise(rows: list[dict], others: list[dict], ceiling: list[dict], targets
     for target in targets:
         points = [r for r in rows if r.get("target") == target]
         accuracy, saved = [p["accuracy"] for p in points], [p["flops_saved_pct"] for p in points]
-        lead = [p["accuracy"] - best_threshold_at(others, p["flops_saved_pct"]) for p in points]
-        ceiling_lead = [p["accuracy"] - best_threshold_at(ceiling, p["flops_saved_pct"]) for p in points]
+        lead, ceiling_lead = ([p["accuracy"] - best_threshold_at(thresholds, p["flops_saved_pct"]) for p in points]
+                              for thresholds in (others, ceiling))
         tuned = {b["name"].split(" ")[0]: b for b in others if b["name"].endswith(f">= {target:g}% saved")}
         summary.append({
             "target_flops_saved": target, "seeds": len(points),
