@@ -3,8 +3,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
+from early_exit.cache import ExitOutputs
 from early_exit.report import time_to_accuracy
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -52,3 +55,27 @@ def test_exit_recipes_measures_every_exit_and_the_threshold_rule(trained_run, im
     assert row["epochs"] == 5 and len(row["test_accuracy"]) == len(row["test_ece"]) == 2
     assert all(0 <= a <= 100 for a in row["test_accuracy"] + row["test_ece"])
     assert row["threshold"]["flops_saved_pct"] >= 20
+
+
+def test_combined_exits_never_fit_worse_than_the_exits_as_trained_and_print_each_variant(trained_run, image_folder,
+                                                                                         tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    from combined_exits import combine, fit_combination
+
+    generator = torch.Generator().manual_seed(0)
+    outputs = ExitOutputs(torch.randn(200, 3, 10, generator=generator) * 3, torch.randint(10, (200,), generator=generator))
+    labels = outputs.labels.repeat_interleave(3)
+    log_probs = outputs.logits.log_softmax(-1)
+    loss = lambda weights, biases: F.cross_entropy(combine(log_probs, weights, biases).flatten(0, 1), labels)
+    for earlier_exits in (False, True):
+        weights, biases = fit_combination(outputs, earlier_exits)
+        assert (weights.triu(1) == 0).all() and (earlier_exits or (weights.tril(-1) == 0).all())
+        assert loss(weights, biases) <= loss(torch.eye(3), torch.zeros(3, 10))
+
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "combined_exits.py"), str(trained_run / "checkpoints" / "last.ckpt"),
+                          "--data", str(image_folder), "--saved", "20", "--cache-dir", str(tmp_path),
+                          "--output", str(tmp_path / "combined.json")], capture_output=True, text=True, check=True).stdout
+    rows = json.loads((tmp_path / "combined.json").read_text())
+    assert [row["exits"] for row in rows] == ["as trained", "one temperature per exit", "geometric ensemble of exits 1..k"]
+    assert all(len(row["test_accuracy"]) == 2 and row["thresholds"]["20.0"]["flops_saved_pct"] >= 20 for row in rows)
+    assert all(f"| {row['exits']} | " in out for row in rows)
