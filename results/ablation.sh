@@ -74,3 +74,10 @@ arm wd1e-3 --model.optimizer.weight_decay 0.001
 arm b32 --data.batch_size 32 --model.optimizer.lr 0.025
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{seed1,wd2e-3,wd2e-3-seed1,conv-head,wd1e-3,b32} --data "$DATA" \
   --output results/ablation-round3.json
+
+# Round 4 (rows 13-14), one change each against row 8, two at a time side by side, one thread each, on the Zen 4:
+# 13. the final exit alone in the loss (what training the early exits costs the trunk; the early heads stay
+#     untrained, so only exit 4 and the threshold's absence mean anything); 14. twice the peak learning rate.
+arm final-only --model.exit_weights '[0,0,0,1]'
+arm lr0.1 --model.optimizer.lr 0.1
+python benchmarks/exit_recipes.py logs/ablation/w05-e4-{final-only,lr0.1} --data "$DATA" --output results/ablation-round4.json

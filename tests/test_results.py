@@ -58,7 +58,7 @@ def test_the_shipped_classifiers_recipe_is_the_default_config_with_its_20_epoch_
               "--print_config"])
     ours = yaml.safe_load(capsys.readouterr().out)
     shipped = yaml.safe_load((RESULTS / "classifier-config.yaml").read_text())
-    assert ours["model"] == {**shipped["model"], "init_args": {**shipped["model"]["init_args"], "whiten_stem": False}}
+    assert ours["model"] == shipped["model"]
     assert ours["trainer"]["max_epochs"] == shipped["trainer"]["max_epochs"] == 20
     assert {k: v for k, v in ours["data"]["init_args"].items() if k != "data_dir"} == \
         {k: v for k, v in shipped["data"]["init_args"].items() if k != "data_dir"}
