@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from early_exit.cache import ExitOutputs, exit_cache, load_classifier
-from early_exit.data import CIFAR10DataModule
+from early_exit.cache import ExitOutputs, checkpoint_exits
 from early_exit.errors import InputError
 from early_exit.evaluation import baselines, path_flops
 from early_exit.files import write_json
@@ -30,12 +29,12 @@ def fit_combination(outputs: ExitOutputs, earlier_exits: bool) -> tuple[Tensor, 
     exits, classes = outputs.logits.shape[1:]
     mask = torch.ones(exits, exits).tril() if earlier_exits else torch.eye(exits)
     weights, biases = torch.eye(exits, requires_grad=True), torch.zeros(exits, classes, requires_grad=earlier_exits)
-    log_probs, labels = outputs.logits.float().log_softmax(-1), outputs.labels.repeat_interleave(exits)
+    labels = outputs.labels.repeat_interleave(exits)
     optimizer = torch.optim.LBFGS([weights, biases], max_iter=300, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(combine(log_probs, weights * mask, biases).flatten(0, 1), labels)
+        loss = F.cross_entropy(combine(outputs.logits, weights * mask, biases).flatten(0, 1), labels)
         loss.backward()
         return loss
 
@@ -43,8 +42,9 @@ def fit_combination(outputs: ExitOutputs, earlier_exits: bool) -> tuple[Tensor, 
     return (weights * mask).detach(), biases.detach()
 
 
-def combine(log_probs: Tensor, weights: Tensor, biases: Tensor) -> Tensor:
-    return torch.einsum("kj,njc->nkc", weights, log_probs) + biases
+def combine(logits: Tensor, weights: Tensor, biases: Tensor) -> Tensor:
+    """(N, exits, classes) logits of exit k as ``sum_j weights[k, j] log_softmax(logits[:, j]) + biases[k]``."""
+    return torch.einsum("kj,njc->nkc", weights, logits.float().log_softmax(-1)) + biases
 
 
 def main() -> None:
@@ -57,9 +57,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     try:
-        classifier, data, _ = load_classifier(args.checkpoint)
-        datamodule = CIFAR10DataModule(**(data | {"data_dir": args.data} if args.data else data))
-        outputs = exit_cache(classifier, args.checkpoint, datamodule, args.cache_dir, ("val", "test"))
+        classifier, outputs = checkpoint_exits(args.checkpoint, args.data, args.cache_dir)
     except (InputError, ValueError) as err:
         sys.exit(f"combined_exits: error: {err}")
     costs, full_flops = path_flops(classifier.model), float(classifier.model.exit_flops[-1])
@@ -71,11 +69,11 @@ def main() -> None:
         val, test = outputs["val"], outputs["test"]
         if earlier_exits is not None:
             weights, biases = fit_combination(val, earlier_exits)
-            val, test = (ExitOutputs(combine(o.logits.float().log_softmax(-1), weights, biases), o.labels)
-                         for o in (val, test))
+            val, test = (ExitOutputs(combine(o.logits, weights, biases), o.labels) for o in (val, test))
         accuracy = (100 * test.correct().double().mean(0)).tolist()
         rules = [{key: p[key] for key in ("accuracy", "flops_saved_pct")}
-                 for p in baselines(val, test, costs, full_flops, tuple(args.saved)) if p["name"].startswith("max_softmax")]
+                 for p in baselines(val, test, costs, full_flops, tuple(args.saved), kinds=("max_softmax",))
+                 if p["name"].startswith("max_softmax")]
         rows.append({"exits": name, "test_accuracy": accuracy, "thresholds": dict(zip(map(str, args.saved), rules))})
         print(f"| {name} | {' / '.join(f'{a:.2f}' for a in accuracy)} | "
               + " | ".join(f"{p['accuracy']:.2f} % at {p['flops_saved_pct']:.1f} %" for p in rules) + " |")

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from early_exit.cache import exit_cache, load_classifier
-from early_exit.data import CIFAR10DataModule
+from early_exit.cache import checkpoint_exits
 from early_exit.errors import InputError
 from early_exit.evaluation import baselines, path_flops
 from early_exit.files import write_json
@@ -23,13 +22,10 @@ from early_exit.report import time_to_accuracy
 
 
 def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> dict:
-    checkpoint = run / "checkpoints" / "last.ckpt"
-    classifier, data, _ = load_classifier(checkpoint)
-    datamodule = CIFAR10DataModule(**(data | {"data_dir": data_dir} if data_dir else data))
-    outputs = exit_cache(classifier, checkpoint, datamodule, cache_dir, ("val", "test"))
+    classifier, outputs = checkpoint_exits(run / "checkpoints" / "last.ckpt", data_dir, cache_dir)
     val, test = outputs["val"], outputs["test"]
     model = classifier.model
-    policies = baselines(val, test, path_flops(model), float(model.exit_flops[-1]), (saved,))
+    policies = baselines(val, test, path_flops(model), float(model.exit_flops[-1]), (saved,), kinds=("max_softmax",))
     threshold = next(p for p in policies if p["name"].startswith("max_softmax"))
     timing, classes = time_to_accuracy(run), test.logits.shape[-1]
     return {

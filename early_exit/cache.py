@@ -113,3 +113,12 @@ def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, dat
                             (images, labels))
         write_atomic(paths[split], lambda file, outputs=outputs: torch.save(vars(outputs), file))
     return {split: ExitOutputs(**torch.load(paths[split], weights_only=True)) for split in splits}
+
+
+def checkpoint_exits(classifier_ckpt: str | Path, data_dir: str | None, cache_dir: str | Path,
+                     splits: tuple[str, ...] = ("val", "test")) -> tuple[EarlyExitClassifier, dict[str, ExitOutputs]]:
+    """A classifier checkpoint and its cached exit outputs on ``splits`` of the data it was trained with, read from
+    ``data_dir`` instead if given: what the benchmarks that measure a checkpoint's exits start from."""
+    classifier, data, _ = load_classifier(classifier_ckpt)
+    datamodule = CIFAR10DataModule(**(data | {"data_dir": data_dir} if data_dir else data))
+    return classifier, exit_cache(classifier, classifier_ckpt, datamodule, cache_dir, splits)

@@ -109,12 +109,14 @@ def oracle_exits(outputs: ExitOutputs) -> Tensor:
 
 
 def baselines(val: ExitOutputs, test: ExitOutputs, costs: Tensor, full_flops: float,
-              targets: tuple[float, ...] = (20.0, 30.0, 40.0, 50.0, 60.0)) -> list[dict]:
-    """Fixed-exit, oracle and threshold policies, thresholds tuned on ``val`` and measured on ``test``."""
+              targets: tuple[float, ...] = (20.0, 30.0, 40.0, 50.0, 60.0),
+              kinds: tuple[str, ...] = ("max_softmax", "entropy")) -> list[dict]:
+    """Fixed-exit, oracle and threshold policies (one per confidence score in ``kinds``), thresholds tuned on
+    ``val`` and measured on ``test``."""
     results = [{"name": f"always exit {k + 1}", **evaluate_exits(torch.full((len(test.labels),), k), test, costs, full_flops)}
                for k in range(test.num_exits)]
     results.append({"name": "oracle", **evaluate_exits(oracle_exits(test), test, costs, full_flops)})
-    for kind in ("max_softmax", "entropy"):
+    for kind in kinds:
         val_scores, test_scores = confidence_scores(val.logits, kind), confidence_scores(test.logits, kind)
         for target in targets:
             thresholds = tune_thresholds(val_scores, val, costs, full_flops, target)

@@ -56,3 +56,5 @@ def test_baselines_include_every_policy_kind():
     names = [row["name"] for row in baselines(outputs(seed=1), outputs(seed=2), COSTS, FULL, targets=(30.0,))]
     assert names == ["always exit 1", "always exit 2", "always exit 3", "always exit 4", "oracle",
                      "max_softmax >= 30% saved", "entropy >= 30% saved"]
+    names = [row["name"] for row in baselines(outputs(seed=1), outputs(seed=2), COSTS, FULL, (30.0,), ("entropy",))]
+    assert names[-1] == "entropy >= 30% saved" and not any(name.startswith("max_softmax") for name in names)
