@@ -112,6 +112,19 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool) -> Tensor:
     return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
 
+def cutout(images: Tensor, size: int) -> Tensor:
+    """Cutout (DeVries & Taylor, 2017): a ``size`` x ``size`` square of each normalised image set to zero,
+    the channel mean, centred anywhere in the image and clipped at its border; drawn per sample, batched."""
+    n, _, h, w = images.shape
+    device = images.device
+    top = torch.randint(0, h, (n, 1), device=device) - size // 2
+    left = torch.randint(0, w, (n, 1), device=device) - size // 2
+    rows = torch.arange(h, device=device) - top
+    cols = torch.arange(w, device=device) - left
+    inside = ((rows >= 0) & (rows < size)).view(n, 1, h, 1) & ((cols >= 0) & (cols < size)).view(n, 1, 1, w)
+    return images.masked_fill(inside, 0.0)
+
+
 def _cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "eecnn"
 
@@ -200,7 +213,9 @@ class CIFAR10DataModule(L.LightningDataModule):
     """CIFAR-10 from torchvision's download (``data_dir`` a plain folder) or from an image-folder copy
     (``data_dir`` holding ``train/<class>/*`` and ``test/<class>/*``, or a .tar.gz/.tar of that).
 
-    A validation split of ``val_size`` images is held out of the training split with ``split_seed``.
+    A validation split of ``val_size`` images is held out of the training split with ``split_seed``. Training
+    batches are augmented on the device: random crop after ``crop_padding`` pixels of padding, horizontal flip,
+    and a ``cutout`` x ``cutout`` square of zeros (0: none).
     """
 
     def __init__(
@@ -213,10 +228,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         num_workers: int = 0,
         crop_padding: int = 4,
         horizontal_flip: bool = True,
+        cutout: int = 0,
     ) -> None:
         super().__init__()
         for name, value, least in (("val_size", val_size, 1), ("batch_size", batch_size, 1),
-                                   ("num_workers", num_workers, 0), ("crop_padding", crop_padding, 0)):
+                                   ("num_workers", num_workers, 0), ("crop_padding", crop_padding, 0),
+                                   ("cutout", cutout, 0)):
             if value < least:
                 raise InputError(f"--data.{name} must be at least {least}, got {value}")
         self.save_hyperparameters()
@@ -317,10 +334,14 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch
-        augment = self.hparams.crop_padding > 0 or self.hparams.horizontal_flip
-        if augment and self.trainer is not None and self.trainer.training:
+        if self.trainer is None or not self.trainer.training:
+            return normalize(images), labels
+        if self.hparams.crop_padding > 0 or self.hparams.horizontal_flip:
             images = random_crop_flip(images, self.hparams.crop_padding, self.hparams.horizontal_flip)
-        return normalize(images), labels
+        images = normalize(images)
+        if self.hparams.cutout > 0:
+            images = cutout(images, self.hparams.cutout)
+        return images, labels
 
 
 class ImageFilesDataModule(L.LightningDataModule):

@@ -90,6 +90,7 @@ def test_bad_data_dir_is_one_line(tmp_path):
     (["--trainer.max_epochs", "-3"], "--trainer.max_epochs must be a non-negative integer or -1"),
     (["--trainer.max_epochs", "many"], "--trainer.max_epochs: Expected a <class 'int'>, got many"),
     (["--data.batch_size", "0"], "--data.batch_size must be at least 1, got 0"),
+    (["--data.cutout", "-8"], "--data.cutout must be at least 0, got -8"),
     (["--model.exit_weights", "[1,2,3]"], "--model.exit_weights needs 2 non-negative weights with a positive sum, "
                                          "got [1.0, 2.0, 3.0]: e.g. --model.exit_weights [1,1]"),  # 2 exits
     (["--model.head", "dense"], "--model.head: Expected a typing.Literal['mlp', 'pool', 'conv']. Got value: dense"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import CLASSES, make_archive, make_image_folder
 
-from early_exit.data import CIFAR10DataModule, random_crop_flip
+from early_exit.data import CIFAR10DataModule, cutout, random_crop_flip
 from early_exit.errors import InputError
 
 
@@ -75,6 +75,19 @@ def test_random_crop_flip_shifts_and_mirrors_each_image():
         assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(-1)) for w in windows)
     assert not torch.equal(out, images)
     assert torch.equal(random_crop_flip(images, padding=0, flip=False), images)
+
+
+def test_cutout_zeroes_one_clipped_square_per_image_across_channels():
+    torch.manual_seed(0)
+    images = torch.randn(256, 3, 16, 16) + 10  # no zeros of its own
+    out = cutout(images, 4)
+    erased = out == 0
+    assert torch.equal(erased[:, 0], erased[:, 1]) and torch.equal(erased[:, 0], erased[:, 2])
+    rows, cols = erased[:, 0].any(2), erased[:, 0].any(1)
+    assert torch.equal(erased[:, 0], rows[:, :, None] & cols[:, None, :])  # a rectangle
+    assert ((rows.sum(1) >= 2) & (rows.sum(1) <= 4) & (cols.sum(1) >= 2) & (cols.sum(1) <= 4)).all()
+    assert len({tuple(r.nonzero().flatten().tolist()) for r in rows}) > 5  # placed per image
+    assert torch.equal(out[~erased], images[~erased])
 
 
 # --- bad input: one clear message naming the problem ---------------------------------------------

@@ -51,15 +51,15 @@ def test_the_shipped_pair_tests_and_predicts_from_another_folder_on_any_image_fo
     assert "tiny/test/truck/0001.jpg" in out and re.search(r"^all class folders +20 ", out, re.M)
 
 
-def test_the_shipped_classifiers_recipe_is_the_default_config_with_its_20_epoch_changes(capsys):
+def test_the_shipped_classifiers_recipe_is_the_default_config_with_its_30_epoch_cutout_changes(capsys):
     configs = ROOT / "configs"
     with pytest.raises(SystemExit, match="0"):  # LightningCLI exits 0 after --print_config
-        main(["fit", "--config", str(configs / "cifar10.yaml"), "--config", str(configs / "cifar10-20ep.yaml"),
+        main(["fit", "--config", str(configs / "cifar10.yaml"), "--config", str(configs / "cifar10-30ep-cutout.yaml"),
               "--print_config"])
     ours = yaml.safe_load(capsys.readouterr().out)
     shipped = yaml.safe_load((RESULTS / "classifier-config.yaml").read_text())
     assert ours["model"] == shipped["model"]
-    assert ours["trainer"]["max_epochs"] == shipped["trainer"]["max_epochs"] == 20
+    assert ours["trainer"]["max_epochs"] == shipped["trainer"]["max_epochs"] == 30
     assert {k: v for k, v in ours["data"]["init_args"].items() if k != "data_dir"} == \
         {k: v for k, v in shipped["data"]["init_args"].items() if k != "data_dir"}
 
