@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from early_exit.cli import EarlyExitCLI, default_precision
-from early_exit.data import normalize, random_crop_flip
+from early_exit.data import augment
 from early_exit.files import write_json
 from early_exit.report import describe_device
 
@@ -114,14 +114,14 @@ def bare_loop(model, datamodule, precision: str, steps: int) -> list[float]:
     peak = [group["lr"] for group in optimizer.param_groups]
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps,
                                                     pct_start=model.hparams.warmup_fraction)
-    pad, flip = datamodule.hparams.crop_padding, datamodule.hparams.horizontal_flip
+    hp = datamodule.hparams
     bf16 = precision.startswith("bf16")
     model.train()
     times, batches = [], iter(datamodule.train_dataloader())
     for _ in range(steps):
         start = time.perf_counter()
         images, labels = next(batches)
-        images = normalize(random_crop_flip(images, pad, flip))
+        images = augment(images, hp.crop_padding, hp.horizontal_flip, hp.cutout)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             losses = model.exit_losses(model(images), labels)
         loss = (model.current_exit_weights() * losses).sum()

@@ -125,6 +125,14 @@ def cutout(images: Tensor, size: int) -> Tensor:
     return images.masked_fill(inside, 0.0)
 
 
+
+def augment(images: Tensor, padding: int, flip: bool, cutout_size: int) -> Tensor:
+    """The training augmentation of a uint8 batch, normalised: random crop and flip, then cutout (0: none)."""
+    if padding > 0 or flip:
+        images = random_crop_flip(images, padding, flip)
+    images = normalize(images)
+    return cutout(images, cutout_size) if cutout_size > 0 else images
+
 def _cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "eecnn"
 
@@ -336,12 +344,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         images, labels = batch
         if self.trainer is None or not self.trainer.training:
             return normalize(images), labels
-        if self.hparams.crop_padding > 0 or self.hparams.horizontal_flip:
-            images = random_crop_flip(images, self.hparams.crop_padding, self.hparams.horizontal_flip)
-        images = normalize(images)
-        if self.hparams.cutout > 0:
-            images = cutout(images, self.hparams.cutout)
-        return images, labels
+        hp = self.hparams
+        return augment(images, hp.crop_padding, hp.horizontal_flip, hp.cutout), labels
 
 
 class ImageFilesDataModule(L.LightningDataModule):
