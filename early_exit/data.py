@@ -125,13 +125,13 @@ def cutout(images: Tensor, size: int) -> Tensor:
     return images.masked_fill(inside, 0.0)
 
 
-
 def augment(images: Tensor, padding: int, flip: bool, cutout_size: int) -> Tensor:
     """The training augmentation of a uint8 batch, normalised: random crop and flip, then cutout (0: none)."""
     if padding > 0 or flip:
         images = random_crop_flip(images, padding, flip)
     images = normalize(images)
     return cutout(images, cutout_size) if cutout_size > 0 else images
+
 
 def _cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "eecnn"
