@@ -80,12 +80,14 @@ def run_exits(classifier: EarlyExitClassifier, images: Tensor, labels: Tensor, b
     return ExitOutputs(torch.cat(logits), labels.clone())
 
 
-def augmented_views(images: Tensor, labels: Tensor, views: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+def augmented_views(images: Tensor, labels: Tensor, views: int, padding: int, flip: bool,
+                    seed: int = 0) -> tuple[Tensor, Tensor]:
     """``views`` copies of uint8 ``images`` (N, 3, H, W), one after the other: the images themselves, then
-    random 4-pixel crops and flips drawn with ``seed``, so a cache of them is the same on every run."""
+    random crops after ``padding`` pixels of padding and, if ``flip``, random horizontal flips, drawn with
+    ``seed`` so a cache of them is the same on every run."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        copies = [images] + [random_crop_flip(images, padding=4, flip=True) for _ in range(views - 1)]
+        copies = [images] + [random_crop_flip(images, padding, flip) for _ in range(views - 1)]
     return torch.cat(copies), labels.repeat(views)
 
 
@@ -94,10 +96,13 @@ def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, dat
     """The exit outputs of ``classifier`` (loaded from ``classifier_ckpt``) on ``splits``: read from the cache,
     or computed once per split and cached. The files are named by the checkpoint's content hash and the
     data's fingerprint, so other weights or other images never read a cache built for different ones.
-    Split "val_views" holds ``views`` views of the validation images."""
+    Split "val_views" holds ``views`` views of the validation images, cropped and flipped as ``datamodule``
+    augments its training images (no cutout: every view is an image a test image could be)."""
     cache_dir = Path(cache_dir)
     stem = f"exits-{file_digest(Path(classifier_ckpt))}-data{datamodule.fingerprint()}"
-    paths = {split: cache_dir / f"{stem}-{split}{views if split == 'val_views' else ''}.pt" for split in splits}
+    padding, flip = datamodule.hparams.crop_padding, datamodule.hparams.horizontal_flip
+    names = {"val_views": f"val_views{views}-crop{padding}{'-flip' if flip else ''}"}
+    paths = {split: cache_dir / f"{stem}-{names.get(split, split)}.pt" for split in splits}
     missing = [split for split in splits if not paths[split].is_file()]
     if missing:
         datamodule.prepare_data()
@@ -109,8 +114,8 @@ def exit_cache(classifier: EarlyExitClassifier, classifier_ckpt: str | Path, dat
             datamodule.setup(stage)
     for split in missing:
         images, labels = datamodule.datasets[split.removesuffix("_views")].tensors
-        outputs = run_exits(classifier, *augmented_views(images, labels, views) if split == "val_views" else
-                            (images, labels))
+        outputs = run_exits(classifier, *augmented_views(images, labels, views, padding, flip)
+                            if split == "val_views" else (images, labels))
         write_atomic(paths[split], lambda file, outputs=outputs: torch.save(vars(outputs), file))
     return {split: ExitOutputs(**torch.load(paths[split], weights_only=True)) for split in splits}
 

@@ -216,13 +216,23 @@ def test_val_views_hold_each_validation_image_then_random_crops_and_flips(traine
     classifier, _, _ = load_classifier(ckpt)
     data = CIFAR10DataModule(str(image_folder), download=False, val_size=32)
     outputs = exit_cache(classifier, ckpt, data, tmp_path, ("val_views", "val"), views=3)
-    assert sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.iterdir()) == ["val.pt", "val_views3.pt"]
+    assert sorted(p.name.split("-data")[1].split("-", 1)[1] for p in tmp_path.iterdir()) == \
+        ["val.pt", "val_views3-crop4-flip.pt"]
     val, views = outputs["val"], outputs["val_views"]
     assert torch.equal(views.labels, val.labels.repeat(3))
     assert torch.allclose(views.logits[:32], val.logits) and not torch.allclose(views.logits[32:64], val.logits)
     agent = ExitAgent(str(ckpt), num_exits=2, num_classes=4, val_views=3)
     agent.attach(outputs, classifier.model)
     assert len(agent.env.features) == 3 * 32  # the agent learns on every view
+
+
+def test_val_views_are_augmented_as_the_data_module_augments_training_images(trained_run, image_folder, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    classifier, _, _ = load_classifier(ckpt)
+    data = CIFAR10DataModule(str(image_folder), download=False, val_size=32, crop_padding=0, horizontal_flip=False)
+    outputs = exit_cache(classifier, ckpt, data, tmp_path, ("val_views", "val"), views=3)
+    assert any(p.name.endswith("-val_views3-crop0.pt") for p in tmp_path.iterdir())
+    assert torch.allclose(outputs["val_views"].logits, outputs["val"].logits.repeat(3, 1, 1))  # nothing to vary
 
 
 @pytest.mark.parametrize("class_aware", [False, True])
