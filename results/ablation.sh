@@ -82,9 +82,9 @@ arm final-only --model.exit_weights '[0,0,0,1]'
 arm lr0.1 --model.optimizer.lr 0.1
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{final-only,lr0.1} --data "$DATA" --output results/ablation-round4.json
 
-# Round 5 (rows 15-17), one change each against row 8, two at a time side by side, one thread each, on a Zen 2 in
-# fp32 like rows 0-8 (a Zen 3): 15. every exit at full weight in the loss; 16. a weight average over the last
-# quarter of the steps only (decay 0.998 from step 2100 of 2812), validated, tested and checkpointed.
+# Round 5 (rows 15-16), one change each against row 8, two at a time side by side, one thread each, on a Zen 3 in
+# fp32 like rows 0-8: 15. every exit at full weight in the loss; 16. a weight average over the last quarter of the
+# steps only (decay 0.998 from step 2100 of 2812), validated, tested and checkpointed.
 arm exit-weights-1 --model.exit_weights '[1,1,1,1]'
 arm ema-late --trainer.callbacks+=EMAWeightAveraging --trainer.callbacks.decay 0.998 \
   --trainer.callbacks.update_starting_at_step 2100
