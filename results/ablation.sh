@@ -90,3 +90,10 @@ arm ema-late --trainer.callbacks+=EMAWeightAveraging --trainer.callbacks.decay 0
   --trainer.callbacks.update_starting_at_step 2100
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{exit-weights-1,ema-late} --data "$DATA" \
   --output results/ablation-round5.json
+
+# Round 6 (rows 17-18), one change each against row 8, two at a time side by side, one thread each, on a Zen 5 EPYC
+# with native bf16: 17. random crops padded by 2 pixels instead of 4; 18. no dropout in the exit heads.
+arm crop2 --data.crop_padding 2
+arm head-dropout-0 --model.head_dropout '[0,0,0,0]'
+python benchmarks/exit_recipes.py logs/ablation/w05-e4-{crop2,head-dropout-0} --data "$DATA" \
+  --output results/ablation-round6.json
