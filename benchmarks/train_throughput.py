@@ -121,7 +121,7 @@ def bare_loop(model, datamodule, precision: str, steps: int) -> list[float]:
     for _ in range(steps):
         start = time.perf_counter()
         images, labels = next(batches)
-        images = augment(images, hp.crop_padding, hp.horizontal_flip, hp.cutout)
+        images = augment(images, hp.crop_padding, bool(hp.horizontal_flip), hp.cutout)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             losses = model.exit_losses(model(images), labels)
         loss = (model.current_exit_weights() * losses).sum()

@@ -41,6 +41,7 @@ class EarlyExitClassifier(L.LightningModule):
         stage_dropout: Sequence[float] = SEED_STAGE_DROPOUT,
         head_dropout: Sequence[float] = SEED_HEAD_DROPOUT,
         head: HeadKind = "mlp",
+        batchnorm_scale: bool = True,
         exit_weights: Sequence[float] | None = None,
         final_exit_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
@@ -54,7 +55,8 @@ class EarlyExitClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = EarlyExitCNN(num_classes, num_stages, width, stage_dropout, head_dropout, head=head)
+        self.model = EarlyExitCNN(num_classes, num_stages, width, stage_dropout, head_dropout, head=head,
+                                  batchnorm_scale=batchnorm_scale)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         n = self.model.num_exits

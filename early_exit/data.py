@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -223,7 +224,9 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     A validation split of ``val_size`` images is held out of the training split with ``split_seed``. Training
     batches are augmented on the device: random crop after ``crop_padding`` pixels of padding, horizontal flip,
-    and a ``cutout`` x ``cutout`` square of zeros (0: none).
+    and a ``cutout`` x ``cutout`` square of zeros (0: none). ``horizontal_flip: alternate`` is airbench's
+    alternating flip: each training image is mirrored at random once, then seen the other way round every
+    other epoch, so two epochs show every image both ways instead of each way at random.
     """
 
     def __init__(
@@ -235,7 +238,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         crop_padding: int = 4,
-        horizontal_flip: bool = True,
+        horizontal_flip: bool | Literal["alternate"] = True,
         cutout: int = 0,
     ) -> None:
         super().__init__()
@@ -244,6 +247,8 @@ class CIFAR10DataModule(L.LightningDataModule):
                                    ("cutout", cutout, 0)):
             if value < least:
                 raise InputError(f"--data.{name} must be at least {least}, got {value}")
+        if horizontal_flip not in (True, False, "alternate"):
+            raise InputError(f"--data.horizontal_flip must be true, false or alternate, got {horizontal_flip!r}")
         self.save_hyperparameters()
         self.classes: list[str] = []
         self.datasets: dict[str, TensorDataset] = {}
@@ -305,7 +310,11 @@ class CIFAR10DataModule(L.LightningDataModule):
                                  f"the number of training images less one")
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
             val, train = order[:val_size], order[val_size:]
-            self.datasets["train"] = TensorDataset(images[train], labels[train])
+            train_images = images[train]
+            if self.hparams.horizontal_flip == "alternate":  # each image's first orientation, drawn once
+                first = torch.rand(len(train), generator=torch.Generator().manual_seed(self.hparams.split_seed)) < 0.5
+                train_images = torch.where(first.view(-1, 1, 1, 1), train_images.flip(-1), train_images)
+            self.datasets["train"] = TensorDataset(train_images, labels[train])
             self.datasets["val"] = TensorDataset(images[val], labels[val])
         if stage in ("test", "predict") and "test" not in self.datasets:
             self.datasets["test"] = TensorDataset(*self.read_split("test"))
@@ -345,7 +354,9 @@ class CIFAR10DataModule(L.LightningDataModule):
         if self.trainer is None or not self.trainer.training:
             return normalize(images), labels
         hp = self.hparams
-        return augment(images, hp.crop_padding, hp.horizontal_flip, hp.cutout), labels
+        if hp.horizontal_flip == "alternate" and self.trainer.current_epoch % 2:
+            images = images.flip(-1)
+        return augment(images, hp.crop_padding, hp.horizontal_flip is True, hp.cutout), labels
 
 
 class ImageFilesDataModule(L.LightningDataModule):

@@ -97,7 +97,8 @@ class EarlyExitCNN(nn.Module):
 
     ``forward`` returns the logits of all exits (training needs them all). ``head`` picks the exit
     classifier: the seed's global-pool MLP (``mlp``), Shallow-Deep Networks' mixed pooling to a 4x4 grid
-    (``pool``) or MSDNet's strided convs (``conv``). ``stage_flops`` and ``head_flops`` are measured, not
+    (``pool``) or MSDNet's strided convs (``conv``). Without ``batchnorm_scale`` the stages' BatchNorm scales
+    are fixed at 1 and only their shifts learn. ``stage_flops`` and ``head_flops`` are measured, not
     hand-typed, forward FLOPs per image: the cost an exit policy trades against accuracy.
     """
 
@@ -110,6 +111,7 @@ class EarlyExitCNN(nn.Module):
         head_dropout: Sequence[float] = SEED_HEAD_DROPOUT,
         image_size: int = 32,
         head: HeadKind = "mlp",
+        batchnorm_scale: bool = True,
     ) -> None:
         super().__init__()
         if not 1 <= num_stages <= len(BASE_CHANNELS):
@@ -122,6 +124,10 @@ class EarlyExitCNN(nn.Module):
         self.stages = nn.ModuleList(
             Stage(cin, cout, p) for cin, cout, p in zip(in_channels, channels, stage_dropout)
         )
+        if not batchnorm_scale:  # airbench's BatchNorm: it learns shifts only, its scales stay at 1
+            for norm in self.stages.modules():
+                if isinstance(norm, nn.BatchNorm2d):
+                    norm.weight.requires_grad_(False)
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         sizes = [image_size >> (k + 1) for k in range(num_stages)]  # each stage halves the map

@@ -1,4 +1,5 @@
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,6 +76,23 @@ def test_random_crop_flip_shifts_and_mirrors_each_image():
         assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(-1)) for w in windows)
     assert not torch.equal(out, images)
     assert torch.equal(random_crop_flip(images, padding=0, flip=False), images)
+
+
+def test_alternating_flips_show_each_training_image_both_ways_in_two_epochs(image_folder):
+    original = setup_fit(image_folder).datasets["train"].tensors[0]
+    data = setup_fit(image_folder, horizontal_flip="alternate", crop_padding=0)
+    stored, labels = data.datasets["train"].tensors
+    mirrored = (stored != original).flatten(1).any(1)
+    assert 0 < mirrored.sum() < len(mirrored)  # a random half starts mirrored, the rest as they are
+    assert torch.equal(stored[mirrored], original[mirrored].flip(-1))
+    assert torch.equal(stored[~mirrored], original[~mirrored])
+    seen = []
+    for epoch in range(3):
+        data.trainer = SimpleNamespace(training=True, current_epoch=epoch)
+        seen.append(data.on_after_batch_transfer((stored, labels), 0)[0])
+    assert torch.equal(seen[1], seen[0].flip(-1)) and torch.equal(seen[2], seen[0])
+    with pytest.raises(InputError, match="--data.horizontal_flip must be true, false or alternate"):
+        setup_fit(image_folder, horizontal_flip="sometimes")
 
 
 def test_cutout_zeroes_one_clipped_square_per_image_across_channels():

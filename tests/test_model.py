@@ -76,3 +76,14 @@ def test_a_whitened_stem_answers_correlated_images_with_decorrelated_unit_varian
     covariance = flat[:27] @ flat[:27].T / flat.shape[1]
     assert torch.allclose(covariance, torch.eye(27), atol=2e-2)
     assert torch.equal(conv.weight[27:54], -conv.weight[:27])
+
+
+def test_batchnorm_without_scales_learns_only_the_shifts():
+    model = EarlyExitCNN(num_classes=4, num_stages=2, width=0.125, head="pool", batchnorm_scale=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sum(logits.logsumexp(-1).sum() for logits in model(torch.randn(8, 3, 32, 32))).backward()
+    optimizer.step()
+    norms = [m for m in model.stages.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert all(not torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+    assert all(p.requires_grad for p in model.exits.parameters())
