@@ -97,3 +97,10 @@ arm crop2 --data.crop_padding 2
 arm head-dropout-0 --model.head_dropout '[0,0,0,0]'
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{crop2,head-dropout-0} --data "$DATA" \
   --output results/ablation-round6.json
+
+# Round 7 (rows 19-20), one change each against row 8, two at a time side by side, one thread each, on a Zen 5 EPYC
+# with native bf16: 19. airbench's alternating flips; 20. BatchNorm without scales in the stages (shifts only).
+arm flip-alternate --data.horizontal_flip alternate
+arm bn-no-scale --model.batchnorm_scale false
+python benchmarks/exit_recipes.py logs/ablation/w05-e4-{flip-alternate,bn-no-scale} --data "$DATA" \
+  --output results/ablation-round7.json
