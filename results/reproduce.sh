@@ -39,7 +39,7 @@ train "$DEFAULT_RUN" --config configs/cifar10.yaml
 #     smoothing 0.1 (58 min alone on a 2-core Zen 5 EPYC with native bf16), the default with row 17's 2-pixel
 #     crops (19 min there), the shipped recipe with them (66 min alone on a slower Zen 5 instance) and with every
 #     exit at full weight (81 min there, its first epochs sharing the CPU with a CI run), and the shipped recipe
-#     for 40 epochs (92 min alone on a Zen 5 instance at 392 images/s).
+#     for 40 epochs (93 min alone on a Zen 5 instance at 392 images/s).
 LONG_RUNS=(logs/full/e8-exit-weights-1 logs/full/e14 logs/full/e14-wd2e-3 logs/full/e20 logs/full/e20-cutout8
            logs/full/e30-cutout8-ls01 logs/full/e8-crop2 logs/full/e30-cutout8-crop2 logs/full/e30-cutout8-exit-weights-1
            logs/full/e40-cutout8)
