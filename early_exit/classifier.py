@@ -6,6 +6,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
@@ -181,3 +182,45 @@ class EarlyExitClassifier(L.LightningModule):
         else:
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class Lookahead(Callback):
+    """airbench's lookahead: every ``every`` steps and at the last one, the weights move to a running average of themselves
+    (``slow = lerp(slow, weights, 1 - d)``, then ``weights = slow``), the average's decay ``d`` growing as
+    ``decay * progress ** 3``, so the start of a run trains freely and its end averages more and more.
+
+    Unlike Lightning's weight averaging, the average is not kept aside for evaluation: the network itself is
+    reset to it, and what it validates, tests and saves is what it trains. BatchNorm statistics are averaged
+    with the weights. ``eecnn fit ... --trainer.callbacks+=early_exit.Lookahead``.
+    """
+
+    def __init__(self, every: int = 5, decay: float = 0.774) -> None:  # airbench's 0.95 ** 5
+        if every < 1 or not 0 <= decay < 1:
+            raise ValueError(f"Lookahead needs --trainer.callbacks.every >= 1 and --trainer.callbacks.decay in [0, 1), "
+                             f"got {every} and {decay}")
+        self.every, self.decay = every, decay
+        self.slow: list[Tensor] = []
+
+    def _weights(self, pl_module: L.LightningModule) -> list[Tensor]:
+        return [t for t in pl_module.state_dict().values() if t.is_floating_point()]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        weights = self._weights(pl_module)
+        # a resume has restored the average already, perhaps onto another device
+        self.slow = [s.to(w.device) for s, w in zip(self.slow, weights)] or [w.detach().clone() for w in weights]
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step, total = trainer.global_step, max(1, trainer.estimated_stepping_batches)
+        if step % self.every and step < total:  # the last step averages too: the run ends on the average
+            return
+        decay = self.decay * min(1.0, step / total) ** 3
+        for slow, weights in zip(self.slow, self._weights(pl_module)):
+            slow.lerp_(weights, 1 - decay)
+            weights.copy_(slow)
+
+    def state_dict(self) -> dict:
+        return {"slow": self.slow}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.slow = state_dict["slow"]

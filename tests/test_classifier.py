@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from early_exit import CIFAR10DataModule, EarlyExitClassifier
+from early_exit import CIFAR10DataModule, EarlyExitClassifier, Lookahead
 from early_exit.model import EarlyExitCNN
 
 
@@ -102,3 +102,33 @@ def test_a_whitened_stem_is_computed_once_at_a_fresh_start_and_never_on_resume(i
     assert calls == [(27, 27)]  # the first batch's 3x3 RGB patches, once
     fit(2, str(tmp_path / "epoch1.ckpt"))
     assert calls == [(27, 27)]  # resuming keeps the trained stem
+
+
+def test_lookahead_trains_on_its_average_and_resumes_it(image_folder, tmp_path):
+    def fit(epochs: int, lookahead: Lookahead | None, ckpt_path: str | None = None):
+        L.seed_everything(0)
+        data = CIFAR10DataModule(str(image_folder), download=False, val_size=32, batch_size=32)
+        model = EarlyExitClassifier(num_classes=4, num_stages=2, width=0.125, lr_schedule="constant",
+                                    optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[lookahead] if lookahead else [])
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return trainer, [t for t in model.state_dict().values() if t.is_floating_point()]
+
+    _, plain = fit(1, None)
+    _, free = fit(1, Lookahead(every=1, decay=0.0))  # an average that forgets at once changes nothing
+    assert all(torch.equal(a, b) for a, b in zip(plain, free))
+    lookahead = Lookahead(every=2, decay=0.9)
+    trainer, averaged = fit(1, lookahead)  # 5 steps, averaged at steps 2, 4 and the last
+    assert not all(torch.allclose(a, b) for a, b in zip(plain, averaged))
+    assert all(torch.equal(a, b) for a, b in zip(lookahead.slow, averaged))  # what it validates is the average
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = Lookahead(every=2, decay=0.9)
+    fit(1, resumed, str(tmp_path / "epoch1.ckpt"))  # max_epochs reached: restores, trains no further
+    assert all(torch.equal(a, b) for a, b in zip(resumed.slow, lookahead.slow))
+
+
+def test_lookahead_refuses_a_decay_it_cannot_average_with():
+    with pytest.raises(ValueError, match="decay in \\[0, 1\\)"):
+        Lookahead(decay=1.0)
