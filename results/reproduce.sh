@@ -97,3 +97,12 @@ python benchmarks/time_to_accuracy.py "$RUN" "$PREVIOUS_RUN" "$DEFAULT_RUN" "${L
   --output results/time_to_accuracy.json
 # 6. Exits that reuse the earlier exits' answers (Zero Time Waste's ensemble), fitted after the fact: README.
 python benchmarks/combined_exits.py results/classifier.ckpt --data "$DATA" --output results/combined_exits.json
+# 7. What a 94 %-class fast recipe gets on this copy of the data: airbench94's own code, ported to the CPU, for its
+#    9.9 epochs (12 min alone on a Zen 5 EPYC with native bf16) and for 30 (README, "How far this copy goes").
+#    It needs airbench's repository (internet) at the commit the script names.
+AIRBENCH=${AIRBENCH:-logs/cifar10-airbench}
+[[ -d $AIRBENCH ]] || git clone -q https://github.com/KellerJordan/cifar10-airbench "$AIRBENCH"
+git -C "$AIRBENCH" checkout -q f1c599c4af24aca803e3e65a6a7e52a502e09d0e
+python benchmarks/airbench_reference.py "$AIRBENCH/legacy/airbench94.py" --data "$DATA" --output results/airbench.json
+python benchmarks/airbench_reference.py "$AIRBENCH/legacy/airbench94.py" --data "$DATA" --epochs 30 \
+  --output results/airbench-30ep.json

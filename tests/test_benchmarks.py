@@ -78,3 +78,14 @@ def test_combined_exits_never_fit_worse_than_the_exits_as_trained_and_print_each
     assert [row["exits"] for row in rows] == ["as trained", "one temperature per exit", "geometric ensemble of exits 1..k"]
     assert all(len(row["test_accuracy"]) == 2 and row["thresholds"]["20.0"]["flops_saved_pct"] >= 20 for row in rows)
     assert all(f"| {row['exits']} | " in out for row in rows)
+
+
+def test_airbench_reference_refuses_a_file_that_is_not_the_pinned_airbench_in_one_line(image_folder, tmp_path):
+    script = str(BENCHMARKS / "airbench_reference.py")
+    other = tmp_path / "airbench94.py"
+    other.write_text("print('some other training script')\n")
+    for source, message in ((other, "is not airbench's legacy/airbench94.py at commit f1c599c4"),
+                            (tmp_path / "missing.py", "clone cifar10-airbench")):
+        bad = subprocess.run([sys.executable, script, str(source), "--data", str(image_folder)],
+                             capture_output=True, text=True)
+        assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and message in bad.stderr
