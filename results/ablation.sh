@@ -104,3 +104,11 @@ arm flip-alternate --data.horizontal_flip alternate
 arm bn-no-scale --model.batchnorm_scale false
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{flip-alternate,bn-no-scale} --data "$DATA" \
   --output results/ablation-round7.json
+
+# Round 8 (rows 21 and 21b), against rows 8 and 8b (the same seeds), two at a time side by side, one thread each, on
+# a Zen 5 EPYC with native bf16: airbench's lookahead (early_exit.Lookahead: every 5 steps the network is reset to
+# a running average of itself whose decay grows to 0.77 as progress cubed), at seed 0 and at seed 1.
+arm lookahead --trainer.callbacks+=early_exit.Lookahead
+arm lookahead-seed1 --seed_everything 1 --trainer.callbacks+=early_exit.Lookahead
+python benchmarks/exit_recipes.py logs/ablation/w05-e4-{lookahead,lookahead-seed1} --data "$DATA" \
+  --output results/ablation-round8.json
