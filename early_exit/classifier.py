@@ -185,9 +185,9 @@ class EarlyExitClassifier(L.LightningModule):
 
 
 class Lookahead(Callback):
-    """airbench's lookahead: every ``every`` steps and at the last one, the weights move to a running average of themselves
-    (``slow = lerp(slow, weights, 1 - d)``, then ``weights = slow``), the average's decay ``d`` growing as
-    ``decay * progress ** 3``, so the start of a run trains freely and its end averages more and more.
+    """airbench's lookahead: every ``every`` steps and at the last one, the weights move to a running average of
+    themselves (``slow = lerp(slow, weights, 1 - d)``, then ``weights = slow``), the average's decay ``d`` growing
+    as ``decay * progress ** 3``, so the start of a run trains freely and its end averages more and more.
 
     Unlike Lightning's weight averaging, the average is not kept aside for evaluation: the network itself is
     reset to it, and what it validates, tests and saves is what it trains. BatchNorm statistics are averaged
