@@ -81,6 +81,8 @@ def tune_thresholds(scores: Tensor, outputs: ExitOutputs, costs: Tensor, full_fl
     quantiles = torch.linspace(0, 1, grid + 1, dtype=scores.dtype)
     never = torch.full((1,), float("inf"), dtype=scores.dtype)
     options = [torch.cat([scores[:, k].quantile(quantiles), never]) for k in range(scores.shape[1] - 1)]
+    if not options:  # one exit: nothing to tune, and one policy
+        return scores.new_empty(0)
     candidates = torch.tensor(list(itertools.product(*[range(len(o)) for o in options])))
     thresholds = torch.stack([options[k][candidates[:, k]] for k in range(len(options))], dim=1)
     correct = outputs.correct()
@@ -100,7 +102,7 @@ def threshold_exits(scores: Tensor, thresholds: Tensor) -> Tensor:
     """Exits of the rule "stop at the first exit whose score reaches its threshold" for (N, exits)
     ``scores`` and (..., exits - 1) ``thresholds``: one policy, or a batch of candidate policies."""
     stop = scores[:, :-1] >= thresholds[..., None, :]
-    return first_exit(torch.cat([stop, torch.ones_like(stop[..., :1])], dim=-1))
+    return first_exit(torch.cat([stop, stop.new_ones(*stop.shape[:-1], 1)], dim=-1))
 
 
 def oracle_exits(outputs: ExitOutputs) -> Tensor:

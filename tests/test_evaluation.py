@@ -58,3 +58,12 @@ def test_baselines_include_every_policy_kind():
                      "max_softmax >= 30% saved", "entropy >= 30% saved"]
     names = [row["name"] for row in baselines(outputs(seed=1), outputs(seed=2), COSTS, FULL, (30.0,), ("entropy",))]
     assert names[-1] == "entropy >= 30% saved" and not any(name.startswith("max_softmax") for name in names)
+
+
+def test_a_network_with_one_exit_has_one_threshold_policy_always_exit_1():
+    model = EarlyExitCNN(num_stages=1)
+    costs, full = path_flops(model), float(model.exit_flops[-1])
+    one_exit = ExitOutputs(outputs().logits[:, :1], outputs().labels)
+    rules = [row for row in baselines(one_exit, one_exit, costs, full, targets=(50.0,)) if "saved" in row["name"]]
+    assert [row["exit_distribution"] for row in rules] == [[1.0], [1.0]]
+    assert rules[0]["accuracy"] == pytest.approx(100 * one_exit.correct().double().mean().item())
