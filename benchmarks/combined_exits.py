@@ -19,7 +19,7 @@ from torch import Tensor
 
 from early_exit.cache import ExitOutputs, checkpoint_exits
 from early_exit.errors import InputError
-from early_exit.evaluation import baselines, path_flops
+from early_exit.evaluation import max_softmax_rules, path_flops
 from early_exit.files import write_json
 
 
@@ -71,9 +71,7 @@ def main() -> None:
             weights, biases = fit_combination(val, earlier_exits)
             val, test = (ExitOutputs(combine(o.logits, weights, biases), o.labels) for o in (val, test))
         accuracy = (100 * test.correct().double().mean(0)).tolist()
-        rules = [{key: p[key] for key in ("accuracy", "flops_saved_pct")}
-                 for p in baselines(val, test, costs, full_flops, tuple(args.saved), kinds=("max_softmax",))
-                 if p["name"].startswith("max_softmax")]
+        rules = max_softmax_rules(val, test, costs, full_flops, tuple(args.saved))
         rows.append({"exits": name, "test_accuracy": accuracy, "thresholds": dict(zip(map(str, args.saved), rules))})
         print(f"| {name} | {' / '.join(f'{a:.2f}' for a in accuracy)} | "
               + " | ".join(f"{p['accuracy']:.2f} % at {p['flops_saved_pct']:.1f} %" for p in rules) + " |")

@@ -16,7 +16,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from early_exit.cache import checkpoint_exits
 from early_exit.errors import InputError
-from early_exit.evaluation import baselines, path_flops
+from early_exit.evaluation import max_softmax_rules, path_flops
 from early_exit.files import write_json
 from early_exit.report import time_to_accuracy
 
@@ -25,8 +25,7 @@ def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> di
     classifier, outputs = checkpoint_exits(run / "checkpoints" / "last.ckpt", data_dir, cache_dir)
     val, test = outputs["val"], outputs["test"]
     model = classifier.model
-    policies = baselines(val, test, path_flops(model), float(model.exit_flops[-1]), (saved,), kinds=("max_softmax",))
-    threshold = next(p for p in policies if p["name"].startswith("max_softmax"))
+    [threshold] = max_softmax_rules(val, test, path_flops(model), float(model.exit_flops[-1]), (saved,))
     timing, classes = time_to_accuracy(run), test.logits.shape[-1]
     return {
         "run": run.name,
@@ -35,7 +34,7 @@ def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> di
         "test_accuracy": (100 * test.correct().double().mean(0)).tolist(),
         "test_ece": [100 * multiclass_calibration_error(test.logits[:, k], test.labels, classes, n_bins=15).item()
                      for k in range(test.num_exits)],
-        "threshold": {key: threshold[key] for key in ("accuracy", "flops_saved_pct")},
+        "threshold": threshold,
     }
 
 

@@ -126,3 +126,12 @@ def baselines(val: ExitOutputs, test: ExitOutputs, costs: Tensor, full_flops: fl
             results.append({"name": f"{kind} >= {target:g}% saved", "thresholds": thresholds.tolist(),
                             **evaluate_exits(exits, test, costs, full_flops)})
     return results
+
+
+def max_softmax_rules(val: ExitOutputs, test: ExitOutputs, costs: Tensor, full_flops: float,
+                      targets: tuple[float, ...]) -> list[dict]:
+    """The max-softmax threshold rule tuned on ``val`` to save at least each of ``targets`` % of FLOPs: its test
+    accuracy and FLOPs saved, one dict per target."""
+    return [{key: p[key] for key in ("accuracy", "flops_saved_pct")}
+            for p in baselines(val, test, costs, full_flops, targets, kinds=("max_softmax",))
+            if p["name"].startswith("max_softmax")]

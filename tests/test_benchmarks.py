@@ -1,3 +1,4 @@
+import contextlib
 import json
 import subprocess
 import sys
@@ -78,6 +79,27 @@ def test_combined_exits_never_fit_worse_than_the_exits_as_trained_and_print_each
     assert [row["exits"] for row in rows] == ["as trained", "one temperature per exit", "geometric ensemble of exits 1..k"]
     assert all(len(row["test_accuracy"]) == 2 and row["thresholds"]["20.0"]["flops_saved_pct"] >= 20 for row in rows)
     assert all(f"| {row['exits']} | " in out for row in rows)
+
+
+def test_exits_alone_are_measured_against_the_shared_exits_and_spliced_into_them(trained_run, image_folder, tmp_path):
+    from helpers import tiny_fit_args
+
+    from early_exit.cli import main
+
+    with contextlib.chdir(tmp_path):  # exit 1 trained alone: the network cut after its first stage
+        main(["fit", *tiny_fit_args(image_folder, epochs=2), "--model.num_stages", "1", "--model.exit_weights", "[1]"])
+    alone = tmp_path / "logs" / "eecnn" / "version_0" / "checkpoints" / "last.ckpt"
+    shared = trained_run / "checkpoints" / "last.ckpt"
+    script, output = str(BENCHMARKS / "exits_alone.py"), tmp_path / "alone.json"
+    common = ["--data", str(image_folder), "--saved", "20", "--cache-dir", str(tmp_path / "cache")]
+    out = subprocess.run([sys.executable, script, str(shared), str(shared), str(alone), *common, "--output", str(output)],
+                         capture_output=True, text=True, check=True).stdout
+    result = json.loads(output.read_text())
+    itself, first = result["exits"]  # the shared run's own last exit, as if trained alone, equals itself
+    assert itself["exit"] == 2 and itself["alone"] == itself["shared"] and first["exit"] == 1
+    assert result["thresholds"]["shared"]["20.0"]["flops_saved_pct"] >= 20 and "| 1 | " in out
+    bad = subprocess.run([sys.executable, script, str(alone), str(shared), *common], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "has 2 exits" in bad.stderr
 
 
 def test_airbench_reference_refuses_a_file_that_is_not_the_pinned_airbench_in_one_line(image_folder, tmp_path):
