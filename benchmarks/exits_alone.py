@@ -8,9 +8,9 @@ The first checkpoint is the shared classifier: every exit trained on one trunk. 
 exit alone: the same recipe on the network cut after stage k (``--model.num_stages k``) with exit k alone in the
 loss, or the whole network with the final exit alone; its last exit is exit k trained for itself. For each, this
 prints exit k's test accuracy in both, then the max-softmax threshold rule (tuned on validation, at the shared
-network's costs) on the shared exits and on the shared exits with every exit trained alone spliced in. No one network
-has those spliced exits (the runs share no stages), so that row is what exits this good would buy at best, not a
-result.
+network's costs) on the shared exits, and on them with each exit trained alone spliced in, one at a time and all
+together. No one network has spliced exits: they come from networks that share no stages, whose mistakes overlap
+less than one network's exits do, so those rows are what exits this good would buy at best, not results.
 Exit outputs are cached like the agent's (``logs/exit_cache``); ``--output`` also writes the figures as JSON.
 """
 
@@ -30,26 +30,38 @@ def accuracy(outputs: ExitOutputs, exit_index: int) -> float:
     return 100 * outputs.correct()[:, exit_index].double().mean().item()
 
 
+def splice(shared: dict[str, ExitOutputs], alone: dict[int, dict[str, ExitOutputs]]) -> dict[str, ExitOutputs]:
+    """The shared classifier's outputs with exit k replaced by the last exit of ``alone[k]``, on every split."""
+    spliced = {}
+    for split, outputs in shared.items():
+        logits = outputs.logits.clone()
+        for k, exits in alone.items():
+            logits[:, k] = exits[split].logits[:, -1]
+        spliced[split] = ExitOutputs(logits, outputs.labels)
+    return spliced
+
+
 def measure(shared_ckpt: str, alone_ckpts: list[str], data_dir: str | None, saved: tuple[float, ...],
             cache_dir: str) -> dict:
     classifier, shared = checkpoint_exits(shared_ckpt, data_dir, cache_dir)
-    spliced = {split: ExitOutputs(outputs.logits.clone(), outputs.labels) for split, outputs in shared.items()}
-    exits = []
+    alone, exits = {}, []
     for path in alone_ckpts:
-        _, alone = checkpoint_exits(path, data_dir, cache_dir)
-        k = alone["test"].num_exits - 1
-        if k >= shared["test"].num_exits:
-            raise InputError(f"{path} has {k + 1} exits, the shared classifier {shared['test'].num_exits}")
-        if any(not torch.equal(alone[split].labels, shared[split].labels) for split in shared):
+        _, outputs = checkpoint_exits(path, data_dir, cache_dir)
+        k = outputs["test"].num_exits - 1
+        if k >= shared["test"].num_exits or k in alone:
+            raise InputError(f"{path} has {k + 1} exits: give one checkpoint per exit of the shared classifier's "
+                             f"{shared['test'].num_exits}, each cut after the exit it was trained for")
+        if any(not torch.equal(outputs[split].labels, shared[split].labels) for split in shared):
             raise InputError(f"{path} was validated on other images than {shared_ckpt}: train both with the same "
                              "--data.val_size and --data.split_seed")
-        for split, outputs in spliced.items():
-            outputs.logits[:, k] = alone[split].logits[:, -1]
+        alone[k] = outputs
         exits.append({"exit": k + 1, "run": str(path), "shared": accuracy(shared["test"], k),
-                      "alone": accuracy(alone["test"], -1)})
+                      "alone": accuracy(outputs["test"], -1)})
+    variants = {"shared": shared} | {f"exit {k + 1}": splice(shared, {k: alone[k]}) for k in alone}
+    variants["all"] = splice(shared, alone)
     costs, full_flops = path_flops(classifier.model), float(classifier.model.exit_flops[-1])
     rules = {name: dict(zip(map(str, saved), max_softmax_rules(o["val"], o["test"], costs, full_flops, saved)))
-             for name, o in (("shared", shared), ("spliced", spliced))}
+             for name, o in variants.items()}
     return {"exits": exits, "thresholds": rules}
 
 
@@ -59,10 +71,11 @@ def markdown(result: dict, saved: tuple[float, ...]) -> str:
               for e in result["exits"]]
     lines += ["", "| exits | " + " | ".join(f"max-softmax, ≥ {s:g} % saved" for s in saved) + " |",
               "|---|" + "---:|" * len(saved)]
-    for name, label in (("shared", "the shared classifier's"), ("spliced", "with the exits trained alone spliced in")):
-        rules = result["thresholds"][name].values()
+    for name, rules in result["thresholds"].items():
+        label = {"shared": "the shared classifier's", "all": "with every exit trained alone spliced in"}.get(
+            name, f"with {name} trained alone spliced in")
         lines.append(f"| {label} | " + " | ".join(f"{r['accuracy']:.2f} % at {r['flops_saved_pct']:.1f} %"
-                                                  for r in rules) + " |")
+                                                  for r in rules.values()) + " |")
     return "\n".join(lines)
 
 

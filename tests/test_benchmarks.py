@@ -97,9 +97,11 @@ def test_exits_alone_are_measured_against_the_shared_exits_and_spliced_into_them
     result = json.loads(output.read_text())
     itself, first = result["exits"]  # the shared run's own last exit, as if trained alone, equals itself
     assert itself["exit"] == 2 and itself["alone"] == itself["shared"] and first["exit"] == 1
+    assert list(result["thresholds"]) == ["shared", "exit 2", "exit 1", "all"]
+    assert result["thresholds"]["exit 2"] == result["thresholds"]["shared"]  # spliced into itself: the same exits
     assert result["thresholds"]["shared"]["20.0"]["flops_saved_pct"] >= 20 and "| 1 | " in out
     bad = subprocess.run([sys.executable, script, str(alone), str(shared), *common], capture_output=True, text=True)
-    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "has 2 exits" in bad.stderr
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "has 2 exits: give one" in bad.stderr
 
 
 def test_airbench_reference_refuses_a_file_that_is_not_the_pinned_airbench_in_one_line(image_folder, tmp_path):
