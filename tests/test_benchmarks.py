@@ -92,8 +92,8 @@ def test_exits_alone_are_measured_against_the_shared_exits_and_spliced_into_them
     shared = trained_run / "checkpoints" / "last.ckpt"
     script, output = str(BENCHMARKS / "exits_alone.py"), tmp_path / "alone.json"
     common = ["--data", str(image_folder), "--saved", "20", "--cache-dir", str(tmp_path / "cache")]
-    out = subprocess.run([sys.executable, script, str(shared), str(shared), str(alone), *common, "--output", str(output)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, script, str(shared), str(shared), str(alone), *common,
+                          "--output", str(output)], capture_output=True, text=True, check=True).stdout
     result = json.loads(output.read_text())
     itself, first = result["exits"]  # the shared run's own last exit, as if trained alone, equals itself
     assert itself["exit"] == 2 and itself["alone"] == itself["shared"] and first["exit"] == 1
