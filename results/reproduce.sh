@@ -61,12 +61,13 @@ train "$PREVIOUS_RUN" --config configs/cifar10.yaml --config configs/cifar10-20e
 python benchmarks/exit_recipes.py "$DEFAULT_RUN" "${LONG_RUNS[@]}" "$RUN" --data "$DATA" --output results/default-recipe.json
 # 1e. What each exit reaches when the network is trained for it alone (README, "What each exit reaches alone"): the
 #     shipped recipe on the network cut after stage k (--model.num_stages k) with exit k alone in the loss, and the
-#     whole network with the final exit alone (23, 35 and 61 min on a Zen 5 EPYC at 409 images/s), against the
+#     whole network with the final exit alone (23, 35, 42 and 61 min on a Zen 5 EPYC at 409 images/s), against the
 #     shipped classifier's exits (its fp16 weights, results/classifier.ckpt), spliced into them for the threshold rule.
-ALONE_RUNS=(logs/alone/e30-exit1 logs/alone/e30-exit2 logs/alone/e30-exit4)
+ALONE_RUNS=(logs/alone/e30-exit1 logs/alone/e30-exit2 logs/alone/e30-exit3 logs/alone/e30-exit4)
 train "${ALONE_RUNS[0]}" "${SHIPPED[@]}" --model.num_stages 1 --model.exit_weights '[1]'
 train "${ALONE_RUNS[1]}" "${SHIPPED[@]}" --model.num_stages 2 --model.exit_weights '[0,1]'
-train "${ALONE_RUNS[2]}" "${SHIPPED[@]}" --model.exit_weights '[0,0,0,1]'
+train "${ALONE_RUNS[2]}" "${SHIPPED[@]}" --model.num_stages 3 --model.exit_weights '[0,0,1]'
+train "${ALONE_RUNS[3]}" "${SHIPPED[@]}" --model.exit_weights '[0,0,0,1]'
 python benchmarks/exits_alone.py results/classifier.ckpt "${ALONE_RUNS[@]/%//checkpoints/last.ckpt}" \
   --data "$DATA" --output results/exits-alone.json
 

@@ -77,6 +77,15 @@ def test_readme_quotes_the_shipped_report():
     assert f"{report['accuracy']:.2f} %" in ours and f"{report['flops_saved_pct']:.1f} %" in ours
 
 
+def test_readme_quotes_each_exit_trained_alone():
+    exits = json.loads((RESULTS / "exits-alone.json").read_text())["exits"]
+    table = re.search(r"<!-- exits-alone-table -->(.*?)<!-- /exits-alone-table -->", (ROOT / "README.md").read_text(),
+                      re.S).group(1)
+    rows = [line for line in table.splitlines() if re.match(r"\| \d \|", line)]
+    assert [row.split(" | ")[:3] for row in rows] == \
+        [[f"| {e['exit']}", f"{e['shared']:.2f} %", f"{e['alone']:.2f} %"] for e in exits]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"no CIFAR-10 copy at {ARCHIVE}")
 def test_eecnn_test_reproduces_the_shipped_report(tmp_path, monkeypatch):
