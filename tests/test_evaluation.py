@@ -63,7 +63,8 @@ def test_baselines_include_every_policy_kind():
 def test_a_network_with_one_exit_has_one_threshold_policy_always_exit_1():
     model = EarlyExitCNN(num_stages=1)
     costs, full = path_flops(model), float(model.exit_flops[-1])
-    one_exit = ExitOutputs(outputs().logits[:, :1], outputs().labels)
+    out = outputs()
+    one_exit = ExitOutputs(out.logits[:, :1], out.labels)
     rules = [row for row in baselines(one_exit, one_exit, costs, full, targets=(50.0,)) if "saved" in row["name"]]
     assert [row["exit_distribution"] for row in rules] == [[1.0], [1.0]]
     assert rules[0]["accuracy"] == pytest.approx(100 * one_exit.correct().double().mean().item())
