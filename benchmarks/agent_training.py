@@ -6,8 +6,8 @@
   once (timed separately), then 256 episodes advance at once as tensor operations;
 - seed style: one episode at a time, as the seed's `train_rl_agent` does: a CNN forward on one image
   per episode (here a validation image, the agent's own), then one decision per exit, each followed by
-  a DQN update on a batch sampled from a Python deque. It runs ``--seed-episodes`` episodes; its wall time for as many episodes as eecnn ran is
-  extrapolated from that rate, and the table says so.
+  a DQN update on a batch sampled from a Python deque. It runs ``--seed-episodes`` episodes; its wall time
+  for as many episodes as eecnn ran is extrapolated from that rate, and the table says so.
 
 Both use the same Q-network shape, state features, rewards, batch size and optimiser.
 """

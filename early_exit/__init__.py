@@ -7,5 +7,5 @@ from early_exit.errors import InputError
 from early_exit.inference import EarlyExitPredictor
 from early_exit.model import EarlyExitCNN
 
-__all__ = ["CIFAR10DataModule", "EarlyExitClassifier", "EarlyExitCNN", "EarlyExitPredictor", "ExitAgent", "InputError",
+__all__ = ["CIFAR10DataModule", "EarlyExitCNN", "EarlyExitClassifier", "EarlyExitPredictor", "ExitAgent", "InputError",
            "Lookahead"]

@@ -208,7 +208,8 @@ class ExitAgent(L.LightningModule):
         """The frozen classifier this agent decides for; sets its class names, its data if none was given and
         the engine that runs the classifier's CNN with this agent as its policy."""
         classifier, data, self.classes = load_classifier(self.hparams.classifier_ckpt)
-        for name, theirs in (("num_exits", classifier.model.num_exits), ("num_classes", classifier.hparams.num_classes)):
+        known = {"num_exits": classifier.model.num_exits, "num_classes": classifier.hparams.num_classes}
+        for name, theirs in known.items():
             if theirs != (ours := self.hparams[name]):
                 raise InputError(f"{self.hparams.classifier_ckpt} has {theirs} {name[4:]} but the agent is built for "
                                  f"{ours}: set --model.{name} {theirs} or pass a matching classifier")

@@ -116,7 +116,7 @@ class EarlyExitClassifier(L.LightningModule):
         loss = (weights * losses).sum()
         training = split == "train"
         sync = not training  # val/test figures are all-rank values under DDP
-        log = dict(on_step=training, on_epoch=True, sync_dist=sync, batch_size=len(labels))
+        log = {"on_step": training, "on_epoch": True, "sync_dist": sync, "batch_size": len(labels)}
         self.log(f"{split}/loss", loss, prog_bar=True, **log)
         for k, (exit_loss, logits) in enumerate(zip(losses, exit_logits), start=1):
             metric = self.accuracy[f"{split}_"][k - 1]

@@ -115,7 +115,8 @@ def baselines(val: ExitOutputs, test: ExitOutputs, costs: Tensor, full_flops: fl
               kinds: tuple[str, ...] = ("max_softmax", "entropy")) -> list[dict]:
     """Fixed-exit, oracle and threshold policies (one per confidence score in ``kinds``), thresholds tuned on
     ``val`` and measured on ``test``."""
-    results = [{"name": f"always exit {k + 1}", **evaluate_exits(torch.full((len(test.labels),), k), test, costs, full_flops)}
+    results = [{"name": f"always exit {k + 1}",
+                **evaluate_exits(torch.full((len(test.labels),), k), test, costs, full_flops)}
                for k in range(test.num_exits)]
     results.append({"name": "oracle", **evaluate_exits(oracle_exits(test), test, costs, full_flops)})
     for kind in kinds:

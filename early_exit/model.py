@@ -69,7 +69,8 @@ class MixedPoolHead(nn.Module):
         grid = min(grid, size)
         self.max_pool, self.avg_pool = nn.AdaptiveMaxPool2d(grid), nn.AdaptiveAvgPool2d(grid)
         self.mix = nn.Parameter(torch.tensor(0.5))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * grid * grid, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+                                        nn.Linear(channels * grid * grid, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.mix * self.max_pool(x) + (1 - self.mix) * self.avg_pool(x))
@@ -82,8 +83,10 @@ class ConvHead(nn.Sequential):
     def __init__(self, channels: int, size: int, num_classes: int, dropout: float, width: int = 128) -> None:
         width = min(width, channels)
         layers = [
-            nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes),
         ]
         super().__init__(*layers)

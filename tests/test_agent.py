@@ -100,7 +100,7 @@ def test_reward_bookkeeping_matches_a_hand_computation():
     env = ExitEnvironment(features, correct, costs, weight_range=(2.0, 2.0), reward_correct=1.0, reward_wrong=-3.0,
                           num_envs=2)
     env.image = torch.tensor([0, 1])
-    _, actions, rewards, _, done = env.step(torch.tensor([CONTINUE, EXIT]))
+    _, _, rewards, _, done = env.step(torch.tensor([CONTINUE, EXIT]))
     assert rewards.tolist() == pytest.approx([-2.0 * 0.2, 1.0 - 2.0 * 0.2])
     assert done.tolist() == [False, True]
     env.image[1], env.exit[1] = 1, 1  # put the second episode at exit 2, where it is wrong
@@ -112,10 +112,10 @@ def test_reward_bookkeeping_matches_a_hand_computation():
 
 
 def test_the_last_exit_always_exits():
-    env = ExitEnvironment(torch.zeros(4, 2, 6), torch.ones(4, 2, dtype=torch.bool), torch.tensor([0.5, 0.5]), (1.0, 1.0),
-                          num_envs=3)
+    env = ExitEnvironment(torch.zeros(4, 2, 6), torch.ones(4, 2, dtype=torch.bool), torch.tensor([0.5, 0.5]),
+                          (1.0, 1.0), num_envs=3)
     env.exit[:] = 1
-    _, actions, rewards, _, done = env.step(torch.full((3,), CONTINUE))
+    _, actions, _, _, done = env.step(torch.full((3,), CONTINUE))
     assert done.all() and (actions == EXIT).all() and (env.exit == 0).all()
 
 
@@ -140,7 +140,8 @@ def test_vectorised_environment_matches_a_one_sample_reference():
         actions = torch.randint(2, (64,))
         states, taken, rewards, next_states, done = env.step(actions)
         for i in range(64):
-            s, a, r, s2, d = reference_step(features, correct, costs, 0.7, int(images[i]), int(exits[i]), int(actions[i]))
+            step = (int(images[i]), int(exits[i]), int(actions[i]))
+            s, a, r, s2, d = reference_step(features, correct, costs, 0.7, *step)
             assert torch.equal(states[i], s) and int(taken[i]) == a and bool(done[i]) == d
             assert float(rewards[i]) == pytest.approx(r)
             if not d:
@@ -244,6 +245,6 @@ def test_greedy_exits_on_cached_outputs_are_the_exits_the_engine_asks_for_one_ex
         with torch.no_grad():  # an exit bias that stops about half the states, so the policy splits the images
             q = agent.q_net(with_weight(agent.features(outputs.logits), torch.tensor(weight)))
             agent.q_net[-1].bias[EXIT] -= (q[..., EXIT] - q[..., CONTINUE]).median()
-        one_at_a_time = policy_exits(lambda logits: agent(logits, weight), outputs.logits)
+        one_at_a_time = policy_exits(lambda logits, weight=weight: agent(logits, weight), outputs.logits)
         assert torch.equal(agent.greedy_exits(outputs, weight), one_at_a_time)
         assert len(one_at_a_time.unique()) >= 2

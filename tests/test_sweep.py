@@ -21,7 +21,8 @@ def test_sweep_measures_one_agent_per_seed_along_the_curve_against_thresholds(tr
     runs, rows = result["runs"], result["rows"]
     assert [r["name"] for r in runs] == ["out/seed_0", "out/seed_1", "out/fixed_0.5"]
     names = [row["name"] for row in rows]
-    assert {"always exit 1", "always exit 2", "oracle", "max_softmax >= 40% saved", "entropy >= 20% saved"} <= set(names)
+    expected = {"always exit 1", "always exit 2", "oracle", "max_softmax >= 40% saved", "entropy >= 20% saved"}
+    assert expected <= set(names)
     assert "agent trained at compute weight 0.5 only" in names
     for run in runs[:2]:  # each seed's rows are the shared evaluation of its best checkpoint at each target
         agent = ExitAgent.load_from_checkpoint(run["checkpoint"], map_location="cpu")
