@@ -15,10 +15,10 @@ from pathlib import Path
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from early_exit.cache import checkpoint_exits
+from early_exit.curves import time_to_accuracy
 from early_exit.errors import InputError
 from early_exit.evaluation import max_softmax_rules, path_flops
 from early_exit.files import write_json
-from early_exit.report import time_to_accuracy
 
 
 def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> dict:
@@ -39,8 +39,9 @@ def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> di
 
 
 def markdown(rows: list[dict], saved: float) -> str:
-    lines = ["| run | epochs | wall time | test accuracy per exit (%) | ECE per exit (%) | "
-             f"max-softmax, ≥ {saved:g} % saved |", "|---|---:|---:|---|---|---|"]
+    threshold = f"max-softmax, ≥ {saved:g} % saved"
+    lines = [f"| run | epochs | wall time | test accuracy per exit (%) | ECE per exit (%) | {threshold} |",
+             "|---|---:|---:|---|---|---|"]
     for r in rows:
         t = r["threshold"]
         lines.append(f"| {r['run']} | {r['epochs']} | {r['seconds'] / 60:.0f} min | "

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 from early_exit.cache import ExitOutputs
-from early_exit.report import time_to_accuracy
+from early_exit.curves import time_to_accuracy
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -43,7 +43,7 @@ def test_time_to_accuracy_script_prints_a_table_and_refuses_a_folder_without_a_r
     out = subprocess.run([sys.executable, script, str(trained_run), "--targets", "0", "101"],
                          capture_output=True, text=True, check=True).stdout
     assert "| 1, " in out and "not reached" in out
-    bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, check=False)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "no 'val/acc' scalars" in bad.stderr
 
 
@@ -64,7 +64,8 @@ def test_combined_exits_never_fit_worse_than_the_exits_as_trained_and_print_each
     from combined_exits import combine, fit_combination
 
     generator = torch.Generator().manual_seed(0)
-    outputs = ExitOutputs(torch.randn(200, 3, 10, generator=generator) * 3, torch.randint(10, (200,), generator=generator))
+    outputs = ExitOutputs(torch.randn(200, 3, 10, generator=generator) * 3,
+                          torch.randint(10, (200,), generator=generator))
     labels = outputs.labels.repeat_interleave(3)
     loss = lambda weights, biases: F.cross_entropy(combine(outputs.logits, weights, biases).flatten(0, 1), labels)
     for earlier_exits in (False, True):
@@ -72,11 +73,13 @@ def test_combined_exits_never_fit_worse_than_the_exits_as_trained_and_print_each
         assert (weights.triu(1) == 0).all() and (earlier_exits or (weights.tril(-1) == 0).all())
         assert loss(weights, biases) <= loss(torch.eye(3), torch.zeros(3, 10))
 
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "combined_exits.py"), str(trained_run / "checkpoints" / "last.ckpt"),
-                          "--data", str(image_folder), "--saved", "20", "--cache-dir", str(tmp_path),
-                          "--output", str(tmp_path / "combined.json")], capture_output=True, text=True, check=True).stdout
+    script, checkpoint = str(BENCHMARKS / "combined_exits.py"), str(trained_run / "checkpoints" / "last.ckpt")
+    out = subprocess.run([sys.executable, script, checkpoint, "--data", str(image_folder), "--saved", "20",
+                          "--cache-dir", str(tmp_path), "--output", str(tmp_path / "combined.json")],
+                         capture_output=True, text=True, check=True).stdout
     rows = json.loads((tmp_path / "combined.json").read_text())
-    assert [row["exits"] for row in rows] == ["as trained", "one temperature per exit", "geometric ensemble of exits 1..k"]
+    assert [row["exits"] for row in rows] == \
+        ["as trained", "one temperature per exit", "geometric ensemble of exits 1..k"]
     assert all(len(row["test_accuracy"]) == 2 and row["thresholds"]["20.0"]["flops_saved_pct"] >= 20 for row in rows)
     assert all(f"| {row['exits']} | " in out for row in rows)
 
@@ -100,16 +103,7 @@ def test_exits_alone_are_measured_against_the_shared_exits_and_spliced_into_them
     assert list(result["thresholds"]) == ["shared", "exit 2", "exit 1", "all"]
     assert result["thresholds"]["exit 2"] == result["thresholds"]["shared"]  # spliced into itself: the same exits
     assert result["thresholds"]["shared"]["20.0"]["flops_saved_pct"] >= 20 and "| 1 | " in out
-    bad = subprocess.run([sys.executable, script, str(alone), str(shared), *common], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, script, str(alone), str(shared), *common], capture_output=True, text=True,
+                         check=False)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "has 2 exits: give one" in bad.stderr
 
-
-def test_airbench_reference_refuses_a_file_that_is_not_the_pinned_airbench_in_one_line(image_folder, tmp_path):
-    script = str(BENCHMARKS / "airbench_reference.py")
-    other = tmp_path / "airbench94.py"
-    other.write_text("print('some other training script')\n")
-    for source, message in ((other, "is not airbench's legacy/airbench94.py at commit f1c599c4"),
-                            (tmp_path / "missing.py", "clone cifar10-airbench")):
-        bad = subprocess.run([sys.executable, script, str(source), "--data", str(image_folder)],
-                             capture_output=True, text=True)
-        assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and message in bad.stderr
