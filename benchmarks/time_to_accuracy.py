@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from early_exit.curves import time_to_accuracy
 from early_exit.files import write_json
-from early_exit.report import time_to_accuracy
 
 
 def format_table(rows: list[dict], targets: list[float]) -> str:

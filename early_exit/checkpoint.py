@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from early_exit.curves import ship_curves
 from early_exit.errors import InputError
 from early_exit.files import write_atomic
 
@@ -22,8 +23,9 @@ def read_checkpoint(path: str | Path, option: str = "--ckpt_path") -> dict[str, 
         raise InputError(f"checkpoint {path} does not exist: check {option}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises anything from KeyError to UnpicklingError on a non-checkpoint
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}): check {option}") from None
+    except Exception as err:  # noqa: BLE001 - torch.load raises anything from KeyError to UnpicklingError here
+        raise InputError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}): check {option}") \
+            from None
     class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "") if isinstance(checkpoint, dict) else ""
     if not class_path.startswith(PACKAGE) or "state_dict" not in checkpoint:
         raise InputError(f"{path} is not an eecnn checkpoint: pass one written by `eecnn fit` to {option}")
@@ -71,7 +73,8 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = False
     """A slim copy of an eecnn checkpoint for shipping: the weights (floating-point ones in fp16 with
     ``half``), the model and data settings and the datamodule's state (class names), without the
     optimiser, loop and callback state that only resuming training needs, nor the data path of the
-    machine that trained it. Written atomically."""
+    machine that trained it. Written atomically; a classifier's training curves go beside it
+    (``<target>-curves.csv``), for the report's plot."""
     checkpoint = read_checkpoint(source)
     slim = {key: checkpoint[key] for key in SHIPPED_KEYS if key in checkpoint}
     slim |= {key: value for key, value in checkpoint.items() if key.endswith("DataModule")}  # datamodule states
@@ -82,6 +85,7 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = False
         slim["state_dict"] = {name: t.half() if t.is_floating_point() else t for name, t in slim["state_dict"].items()}
     target = Path(target)
     write_atomic(target, lambda file: torch.save(slim, file))
+    ship_curves(source, target)
     return target
 
 

@@ -11,22 +11,18 @@ import platform
 from pathlib import Path
 
 import lightning as L
-import matplotlib
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from early_exit.cache import ExitOutputs  # noqa: E402
-from early_exit.data import normalize  # noqa: E402
-from early_exit.engine import EarlyExitEngine, EarlyExitResult, images_per_second  # noqa: E402
-from early_exit.evaluation import baselines, evaluate_exits, policy_exits  # noqa: E402
-from early_exit.files import write_atomic, write_json  # noqa: E402
+from early_exit.cache import ExitOutputs
+from early_exit.curves import Curves, training_curves
+from early_exit.data import normalize
+from early_exit.engine import EarlyExitEngine, EarlyExitResult, images_per_second
+from early_exit.evaluation import baselines, evaluate_exits, policy_exits
+from early_exit.files import write_atomic, write_json
 
 
 def run_engine(engine: EarlyExitEngine, images: Tensor, batch_size: int = 256) -> tuple[EarlyExitResult, float]:
@@ -117,7 +113,8 @@ class EarlyExitReport(Callback):
 
     Reads from the tested module: ``engine`` (the CNN with the module as its policy), ``outputs`` (the
     cached all-exit outputs of "val" and "test"), ``data`` (the DataModule of those images), ``classes``
-    and ``hparams.classifier_ckpt``, whose run's training curves are plotted if its events are found.
+    and ``hparams.classifier_ckpt``, whose training curves are plotted if they are found
+    (``early_exit.curves.training_curves``).
     """
 
     def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -129,7 +126,7 @@ class EarlyExitReport(Callback):
         test = module.outputs["test"]
         report = policy_report(module.engine, images, module.outputs["val"], test, module.classes,
                                module.data.hparams.batch_size)
-        figures = report_figures(report, test, classifier_run(module.hparams.classifier_ckpt))
+        figures = report_figures(report, test, training_curves(module.hparams.classifier_ckpt))
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"report/{k}": v for k, v in flatten(report).items()}, step=trainer.global_step)
             if isinstance(trainer.logger, TensorBoardLogger):
@@ -147,14 +144,14 @@ def summary_table(report: dict) -> str:
     per_exit = " / ".join(f"{a:.1f}" for a in report["per_exit_accuracy"])
     rows = [
         ("accuracy", f"{report['accuracy']:.2f} %"),
-        ("FLOPs saved", f"{report['flops_saved_pct']:.1f} % ({report['mean_flops'] / 1e6:.1f} of "
-                        f"{report['full_flops'] / 1e6:.1f} MFLOPs per image)"),
+        ("FLOPs saved", (f"{report['flops_saved_pct']:.1f} % ({report['mean_flops'] / 1e6:.1f} of "
+                         f"{report['full_flops'] / 1e6:.1f} MFLOPs per image)")),
         ("exit shares", f"{shares} %"),
         ("each exit's accuracy", f"{per_exit} %"),
         ("effectiveness", f"{report['effectiveness']:.2f}"),
-        ("engine / full network", f"{t['engine_images_per_s']:.0f} / {t['full_network_images_per_s']:.0f} img/s: "
-                                  f"{t['speedup']:.2f}x for a FLOPs ratio of {t['flops_ratio']:.2f}x "
-                                  f"(batch {t['batch_size']}, {t['device']})"),
+        ("engine / full network", (f"{t['engine_images_per_s']:.0f} / {t['full_network_images_per_s']:.0f} img/s: "
+                                   f"{t['speedup']:.2f}x for a FLOPs ratio of {t['flops_ratio']:.2f}x "
+                                   f"(batch {t['batch_size']}, {t['device']})")),
     ]
     rows += [(f"baseline: {b['name']}", f"{b['accuracy']:.2f} % at {b['flops_saved_pct']:.1f} % saved")
              for b in report["baselines"]]
@@ -180,49 +177,13 @@ def flatten(report: dict) -> dict[str, float]:
     return {name.lstrip("/"): value for name, value in flat.items() if not name.endswith("/name")}
 
 
-def read_scalars(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Every scalar tag in a run's TensorBoard event files, as (steps, values) in step order."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
-            for tag in events.Tags()["scalars"]}
-
-
-def time_to_accuracy(run_dir: str | Path, targets: tuple[float, ...] = (0.85, 0.90), tag: str = "val/acc") -> dict:
-    """When a run's ``tag`` (by default the final exit's validation accuracy) first reached each target, read
-    from its TensorBoard events: the epoch (1-based) and the training time in seconds. Also the run's epochs,
-    its training time to the last validation and the best value. Each session (one events file, from the
-    first event Lightning writes once training starts) counts up to its last ``tag`` event, so a run resumed
-    from a checkpoint counts neither the pause nor the part of an epoch lost to the interruption."""
-    sessions = []
-    for file in Path(run_dir).glob("events.out.tfevents.*"):
-        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
-        events.Reload()
-        tags = events.Tags()["scalars"]
-        if tag in tags:
-            sessions.append((min(events.Scalars(t)[0].wall_time for t in tags), events, "epoch" in tags))
-    if not sessions:
-        raise ValueError(f"{run_dir} has no {tag!r} scalars: is it an eecnn classifier run's log folder?")
-    values, epoch_at, elapsed = [], {}, 0.0
-    for start, events, has_epoch in sorted(sessions, key=lambda session: session[0]):
-        values += [(e.step, elapsed + e.wall_time - start, e.value) for e in events.Scalars(tag)]
-        epoch_at |= {e.step: int(e.value) for e in events.Scalars("epoch")} if has_epoch else {}
-        elapsed = values[-1][1]
-
-    def when(step: int, seconds: float, value: float) -> dict:
-        return {"epoch": epoch_at.get(step, -1) + 1, "seconds": seconds, "value": value}
-
-    reached = {f"{target:g}": next((when(*v) for v in values if v[2] >= target), None) for target in targets}
-    return {"run": str(run_dir), "epochs": epoch_at.get(values[-1][0], -1) + 1, "seconds": elapsed,
-            "best": max(v[2] for v in values), "reached": reached}
-
-
 def exit_labels(report: dict) -> list[str]:
     return [f"exit {k + 1}" for k in range(len(report["exit_distribution"]))]
 
 
 def plot_exit_distribution(report: dict) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     shares = [100 * p for p in report["exit_distribution"]]
     bars = ax.bar(exit_labels(report), shares, color="C0")
     ax.bar_label(bars, [f"{s:.1f} %" for s in shares])
@@ -236,7 +197,8 @@ def plot_exit_distribution(report: dict) -> Figure:
 def plot_confidence(outputs: ExitOutputs) -> Figure:
     confidence = outputs.logits.float().softmax(-1).max(-1).values
     correct = outputs.correct()
-    fig, axes = plt.subplots(1, outputs.num_exits, figsize=(3.2 * outputs.num_exits, 3.4), sharey=True)
+    fig = Figure(figsize=(3.2 * outputs.num_exits, 3.4))
+    axes = fig.subplots(1, outputs.num_exits, sharey=True)
     bins = torch.linspace(0, 1, 21).tolist()
     for k, ax in enumerate(axes):
         ax.hist([confidence[correct[:, k], k].numpy(), confidence[~correct[:, k], k].numpy()], bins=bins,
@@ -251,7 +213,8 @@ def plot_confidence(outputs: ExitOutputs) -> Figure:
 
 
 def plot_per_class_accuracy(report: dict) -> Figure:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     names, accuracy = zip(*report["per_class_accuracy"].items())
     ax.bar(names, [a or 0 for a in accuracy], color="C0")
     ax.axhline(report["accuracy"], color="k", linestyle="--", label=f"all classes: {report['accuracy']:.2f} %")
@@ -267,7 +230,8 @@ def plot_per_class_accuracy(report: dict) -> Figure:
 def plot_class_exit_accuracy(report: dict) -> Figure:
     names = list(report["per_class_exit_accuracy"])
     grid = torch.tensor([report["per_class_exit_accuracy"][n] for n in names])
-    fig, ax = plt.subplots(figsize=(1.4 * grid.shape[1] + 3, 0.45 * len(names) + 1.5))
+    fig = Figure(figsize=(1.4 * grid.shape[1] + 3, 0.45 * len(names) + 1.5))
+    ax = fig.subplots()
     image = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     for (row, col), value in zip(itertools.product(*map(range, grid.shape)), grid.flatten().tolist()):
         ax.text(col, row, f"{value:.0f}", ha="center", va="center", color="w" if value < 60 else "k", fontsize=8)
@@ -282,7 +246,8 @@ def plot_class_exit_accuracy(report: dict) -> Figure:
 def plot_tradeoff(policies: dict[str, list[tuple[str, float, float, float]]], baselines: list[dict]) -> Figure:
     """Accuracy against FLOPs saved: each of ``policies`` a line of labelled (name, flops_saved_pct, accuracy,
     accuracy's standard deviation) points, over the threshold curves, fixed exits and oracle among ``baselines``."""
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     for kind, style in (("max_softmax", "s--"), ("entropy", "^:")):
         points = sorted((b["flops_saved_pct"], b["accuracy"]) for b in baselines if b["name"].startswith(kind))
         if points:
@@ -309,13 +274,13 @@ def plot_tradeoff(policies: dict[str, list[tuple[str, float, float, float]]], ba
     return fig
 
 
-def plot_training_curves(run_dir: Path) -> Figure | None:
-    """The classifier's loss and per-exit validation accuracy from its TensorBoard events, if there are any."""
-    scalars = read_scalars(run_dir)
+def plot_training_curves(scalars: Curves) -> Figure | None:
+    """The classifier's loss and per-exit validation accuracy from its logged curves, if there are any."""
     exits = sorted(tag for tag in scalars if tag.startswith("val/acc_exit"))
     if not exits:
         return None
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
     for tag, label in (("train/loss_step", "train (per step)"), ("val/loss", "validation")):
         if tag in scalars:
             loss_ax.plot(*scalars[tag], label=label)
@@ -325,7 +290,8 @@ def plot_training_curves(run_dir: Path) -> Figure | None:
     loss_ax.legend()
     for tag in exits:
         steps, values = scalars[tag]
-        acc_ax.plot(steps, [100 * v for v in values], marker=".", label=tag.removeprefix("val/acc_").replace("exit", "exit "))
+        label = tag.removeprefix("val/acc_").replace("exit", "exit ")
+        acc_ax.plot(steps, [100 * v for v in values], marker=".", label=label)
     acc_ax.set_xlabel("optimiser step")
     acc_ax.set_ylabel("validation accuracy (%)")
     acc_ax.set_title("Accuracy of each exit during training")
@@ -334,8 +300,8 @@ def plot_training_curves(run_dir: Path) -> Figure | None:
     return fig
 
 
-def report_figures(report: dict, outputs: ExitOutputs, classifier_run: Path | None) -> dict[str, Figure]:
-    """Every plot of the report by file stem; the training curves only if the classifier's run has events."""
+def report_figures(report: dict, outputs: ExitOutputs, curves: Curves | None) -> dict[str, Figure]:
+    """Every plot of the report by file stem; the training curves only if the classifier's are known."""
     figures = {
         "exit_distribution": plot_exit_distribution(report),
         "confidence": plot_confidence(outputs),
@@ -344,23 +310,14 @@ def report_figures(report: dict, outputs: ExitOutputs, classifier_run: Path | No
         "tradeoff": plot_tradeoff({"exit agent": [("", report["flops_saved_pct"], report["accuracy"], 0.0)]},
                                   report["baselines"]),
     }
-    curves = plot_training_curves(classifier_run) if classifier_run is not None else None
-    if curves is not None:
-        figures["training_curves"] = curves
+    plot = plot_training_curves(curves) if curves is not None else None
+    if plot is not None:
+        figures["training_curves"] = plot
     return figures
 
 
 def save_figure(figure: Figure, path: Path) -> None:
     write_atomic(path, lambda file: figure.savefig(file, format="png", dpi=120))
-    plt.close(figure)
-
-
-def classifier_run(classifier_ckpt: str | Path) -> Path | None:
-    """The folder with the TensorBoard events of the run that wrote a checkpoint: Lightning puts checkpoints
-    in ``<run>/checkpoints/``; a shipped checkpoint may sit beside its events."""
-    path = Path(classifier_ckpt).resolve()
-    return next((folder for folder in (path.parent, path.parent.parent)
-                 if any(folder.glob("events.out.tfevents.*"))), None)
 
 
 def save_report(report: dict, figures: dict[str, Figure], folder: Path) -> None:

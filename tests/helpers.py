@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from early_exit.report import read_scalars
+from early_exit.curves import read_scalars
 
 
 def tiny_fit_args(data_dir: Path, epochs: int = 5) -> list[str]:
