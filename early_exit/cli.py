@@ -1,16 +1,20 @@
 """The ``eecnn`` command: LightningCLI over the eecnn models and the CIFAR-10 DataModule."""
 
 import argparse
+import contextlib
 import inspect
+import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from jsonargparse import DefaultHelpFormatter, Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -33,6 +37,37 @@ def default_precision() -> str:
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+DESCRIPTION = """eecnn: a CIFAR-10 classifier with an exit after each of its 4 stages, and a learned (DQN) agent that
+stops each image at the first exit it trusts. The shipped pair, from the repository root:
+
+  eecnn test --ckpt_path results/agent.ckpt                 accuracy, FLOPs saved, exits, plots: logs/eecnn/
+  eecnn predict --ckpt_path results/agent.ckpt photo.png    class, confidence and exit of image files
+  eecnn fit --config configs/cifar10.yaml                   train a classifier
+  eecnn fit --config configs/agent.yaml --model.classifier_ckpt CKPT    train an exit agent for it
+
+CIFAR-10 is downloaded into data/; --data.data_dir reads an image-folder copy (or its .tar.gz) instead.
+"COMMAND --help" lists a command's settings."""
+
+
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description's lines kept as written."""
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, on stderr while predicting: ``eecnn predict``'s stdout is its table alone."""
+
+    def init_predict_tqdm(self) -> Tqdm:
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning opens its bars on sys.stdout
+            return super().init_predict_tqdm()
+
+
+class HideTip(logging.Filter):
+    """Lightning's advertisement for its cloud logger, which every run would print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip:" not in record.getMessage()
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -125,7 +160,9 @@ class EarlyExitCLI(LightningCLI):
             L.LightningModule,
             None,  # any LightningDataModule
             subclass_mode_model=True,
-            parser_kwargs={"exit_on_error": False},  # main() prints one line instead of a usage dump
+            seed_everything_default=0,  # Lightning's True draws no seed, warns, and seeds 0 anyway
+            # main() prints one line instead of a usage dump
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION, "formatter_class": HelpFormatter},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the models configure their own optimisers
             args=args,
@@ -188,6 +225,8 @@ class EarlyExitCLI(LightningCLI):
         if not config.inputs:
             raise InputError("eecnn predict with an exit agent needs image files, folders or globs: "
                              "eecnn predict --ckpt_path <agent.ckpt> image.png images/")
+        self.trainer.callbacks = [StderrProgressBar(c.refresh_rate, c.process_position)
+                                  if type(c) is TQDMProgressBar else c for c in self.trainer.callbacks]
         self.trainer.callbacks.append(PredictionTable(config.output))
         self.datamodule = ImageFilesDataModule(config.inputs)
 
@@ -224,7 +263,8 @@ class EarlyExitCLI(LightningCLI):
         self.config = parser.parse_args(args)
         model = (self.config[subcommand] if subcommand else self.config).model
         if model.class_path.rsplit(".", 1)[-1] == ExitAgent.__name__:  # its data defaults to its classifier's
-            set_data_defaults(defaults, read_checkpoint(model.init_args.classifier_ckpt, option="--model.classifier_ckpt"))
+            classifier = read_checkpoint(model.init_args.classifier_ckpt, option="--model.classifier_ckpt")
+            set_data_defaults(defaults, classifier)
             self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
@@ -233,6 +273,9 @@ class EarlyExitCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(HideTip())
+    # torch deprecates a class that Lightning 2.6 still uses internally; nothing a user can act on
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     try:
         EarlyExitCLI(args)
     except argparse.ArgumentError as err:

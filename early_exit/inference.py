@@ -10,6 +10,7 @@ Every prediction runs through the early-exit engine, in batches: an image stops 
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -87,18 +88,21 @@ def write_predictions(rows: list[dict], output: Path) -> None:
         write_text(output, "".join(json.dumps(row) + "\n" for row in rows))
         return
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["file", "class", "confidence", "exit", "flops"])
+    fields = list(rows[0]) if rows else ["file", "class", "confidence", "exit", "flops"]
+    writer = csv.DictWriter(text, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     write_text(output, text.getvalue())
 
 
 class PredictionTable(BasePredictionWriter):
-    """Prints ``eecnn predict``'s per-image results as a table and, with ``output``, saves them."""
+    """Prints ``eecnn predict``'s per-image results as a table, then a summary per folder, and with ``output``
+    saves them. The table is printed once predicting ends, after the progress bar has closed its line."""
 
     def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output = check_output_path(output) if output else None
+        self.rows: list[dict] = []
 
     def write_on_epoch_end(self, trainer: L.Trainer, module: ExitAgent, predictions: list[dict],
                            batch_indices: list) -> None:
@@ -106,12 +110,15 @@ class PredictionTable(BasePredictionWriter):
             return
         index = torch.cat([p.pop("index") for p in predictions]).tolist()  # this rank's images, under DDP too
         result = EarlyExitResult.cat([EarlyExitResult(**p) for p in predictions])
-        rows = prediction_rows(result, module.classes, [trainer.datamodule.files[i] for i in index])
-        print(format_table(rows))
-        print(folder_summary(rows, module.classes))
+        self.rows = prediction_rows(result, module.classes, [trainer.datamodule.files[i] for i in index])
         if self.output is not None:
-            write_predictions(rows, self.output)
-            print(f"wrote {len(rows)} predictions to {self.output}")
+            write_predictions(self.rows, self.output)
+            print(f"wrote {len(self.rows)} predictions to {self.output}", file=sys.stderr)
+
+    def on_predict_end(self, trainer: L.Trainer, module: ExitAgent) -> None:
+        if self.rows:
+            print(format_table(self.rows))
+            print(folder_summary(self.rows, module.classes))
 
 
 class EarlyExitPredictor:
