@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from early_exit.evaluation import baselines, evaluate_exits
 from early_exit.files import write_json, write_text
 from early_exit.report import plot_tradeoff, save_figure
 
-AGENT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "agent.yaml"
+AGENT_CONFIG = Path(str(files("early_exit.configs") / "agent.yaml"))  # configs/agent.yaml, in any install
 GRID = tuple(float(t) for t in range(10, 72, 2))  # threshold tunings that draw the baseline curves
 
 
@@ -62,7 +63,8 @@ def best_threshold_at(others: list[dict], flops_saved: float) -> float:
     """The test accuracy of the better threshold rule (max-softmax or entropy) at ``flops_saved`` % on test,
     interpolated along its tuned points."""
     def curve(kind: str) -> float:
-        saved, accuracy = zip(*sorted((b["flops_saved_pct"], b["accuracy"]) for b in others if b["name"].startswith(kind)))
+        points = sorted((b["flops_saved_pct"], b["accuracy"]) for b in others if b["name"].startswith(kind))
+        saved, accuracy = zip(*points)
         return float(np.interp(flops_saved, saved, accuracy))
     return max(curve("max_softmax"), curve("entropy"))
 
@@ -90,8 +92,8 @@ def summarise(rows: list[dict], others: list[dict], ceiling: list[dict], targets
 
 
 def summary_table(summary: list[dict]) -> str:
-    lines = ["| FLOPs saved target (val) | agent test accuracy (%) | agent FLOPs saved (%) | max-softmax (%) | "
-             "entropy (%) | agent lead at equal FLOPs (points) | lead over thresholds tuned on test |",
+    lines = [("| FLOPs saved target (val) | agent test accuracy (%) | agent FLOPs saved (%) | max-softmax (%) | "
+              "entropy (%) | agent lead at equal FLOPs (points) | lead over thresholds tuned on test |"),
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         lines.append(
@@ -124,7 +126,8 @@ def run(classifier_ckpt: str, seeds: list[int], targets: list[float], fixed_weig
         runs.append(trained | {"seed": seed})  # its logs: logs/<output folder name>/seed_<seed>
         for target in targets:
             agent.hparams.target_flops_saved = target
-            rows.append(measure(agent, f"agent seed {seed}, {target:g}% saved on val") | {"seed": seed, "target": target})
+            name = f"agent seed {seed}, {target:g}% saved on val"
+            rows.append(measure(agent, name) | {"seed": seed, "target": target})
     for weight in fixed_weights:
         trained, fixed_agent = train_agent(classifier_ckpt, f"{output.name}/fixed_{weight:g}", config,
                                            ["--model.compute_weight_range", "null", "--model.compute_weight",
@@ -161,13 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fixed-weights", type=float, nargs="*", default=[],
                         help="also train one agent per compute weight, fixed during training")
     parser.add_argument("--output", type=Path, default=Path("results/sweep"))
-    parser.add_argument("--config", type=Path, default=AGENT_CONFIG)
+    parser.add_argument("--config", type=Path, default=AGENT_CONFIG,
+                        help="the config each agent trains with (default: eecnn's configs/agent.yaml)")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if bad := [t for t in args.targets if not 0 < t < 100]:
         parser.error(f"--targets are percentages between 0 and 100, got {bad[0]:g}")
     sys.argv = sys.argv[:1]  # each agent's CLI gets its arguments from args=, not from this command's flags
     try:
-        result = run(args.classifier_ckpt, args.seeds, args.targets, args.fixed_weights, args.output, args.config, extra)
+        result = run(args.classifier_ckpt, args.seeds, args.targets, args.fixed_weights, args.output, args.config,
+                     extra)
     except InputError as err:
         sys.exit(f"eecnn-sweep: error: {err}")
     print(summary_table(result["summary"]))
