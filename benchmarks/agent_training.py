@@ -1,6 +1,7 @@
 """Exit-agent training speed: eecnn's vectorised DQN on cached exit outputs against a loop in the seed's style.
 
-    python benchmarks/agent_training.py --classifier-ckpt results/classifier.ckpt --output results/agent_training.json
+    python benchmarks/agent_training.py --classifier-ckpt results/classifier.ckpt \\
+        --output results/benchmarks/agent-training.json
 
 - eecnn: `eecnn fit --config configs/agent.yaml` as shipped: the frozen CNN's exit outputs are cached
   once (timed separately), then 256 episodes advance at once as tensor operations;

@@ -5,10 +5,12 @@
 For each run folder (its ``checkpoints/last.ckpt`` and TensorBoard events) it prints one markdown row:
 epochs and training wall time (from the events), every exit's accuracy and expected calibration error on
 the test split, and the test accuracy of the max-softmax threshold rule tuned on the validation split to
-save at least ``--saved`` % of FLOPs. Exit outputs are cached like the agent's (``logs/exit_cache``).
+save at least ``--saved`` % of FLOPs. Exit outputs are cached like the agent's (``logs/exit_cache``). With
+``--round``, the rows join an ablation file of several rounds (``results/recipe/ablation.json``).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -58,12 +60,18 @@ def main() -> None:
     parser.add_argument("--saved", type=float, default=50.0, help="FLOPs the threshold rule must save (%%)")
     parser.add_argument("--cache-dir", default="logs/exit_cache")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--round", type=int, help="tag the rows with this ablation round, and replace only that "
+                                                  "round's rows in --output (docs/recipe.md's table is one file)")
     args = parser.parse_args()
     try:
         rows = [measure(run, args.data, args.saved, args.cache_dir) for run in args.runs]
     except (InputError, ValueError) as err:
         sys.exit(f"exit_recipes: error: {err}")
     print(markdown(rows, args.saved))
+    if args.output and args.round is not None:
+        others = json.loads(args.output.read_text()) if args.output.is_file() else []
+        rows = sorted([r for r in others if r["round"] != args.round] + [{"round": args.round, **r} for r in rows],
+                      key=lambda r: r["round"])
     if args.output:
         write_json(args.output, rows)
 

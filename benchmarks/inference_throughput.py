@@ -1,7 +1,8 @@
 """Inference throughput on the CIFAR-10 test images: the early-exit engine against the plain network and
 against a loop in the seed's style.
 
-    python benchmarks/inference_throughput.py --agent results/agent.ckpt --output results/inference_throughput.json
+    python benchmarks/inference_throughput.py --agent results/agent.ckpt \\
+        --output results/benchmarks/inference-throughput.json
 
 - engine: batches of ``--batch-size`` through `EarlyExitEngine` with the agent; each stage runs only on
   the images still going;

@@ -5,7 +5,7 @@ defaults) and times its training steps after a warm-up; then runs a plain loop o
 the same model, with the same DataLoader, batched augmentation, optimiser, schedule and precision:
 
     python benchmarks/train_throughput.py --data ../shared/data/cifar10-jpeg.tar.gz \\
-        --output results/train_throughput.json
+        --output results/benchmarks/train-throughput.json
 
 "Waiting for data" is the gap between the end of one training step and the start of the next: the
 DataLoader fetch, the device transfer and the batched augmentation, plus Lightning's loop overhead.

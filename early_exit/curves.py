@@ -11,7 +11,7 @@ from early_exit.files import write_text
 
 Curves = dict[str, tuple[list[int], list[float]]]  # tag -> (steps, values), in step order
 
-PLOTTED = ("train/loss_step", "val/loss", "val/acc_exit")  # the tags (and tag prefixes) the report plots
+SHIPPED = ("train/loss_step", "val/loss", "val/acc_exit")  # tag prefixes: the loss, each exit's val loss and accuracy
 
 
 def read_scalars(run_dir: str | Path) -> Curves:
@@ -47,10 +47,10 @@ def write_curves(curves: Curves, path: Path) -> None:
 
 
 def ship_curves(source: str | Path, target: str | Path) -> Path | None:
-    """The curves the report plots, from the run that wrote checkpoint ``source``, in a file beside its shipped
-    copy ``target``; None if that run logged none (an agent's run, or a checkpoint moved from its run)."""
+    """The loss and per-exit validation curves of the run that wrote checkpoint ``source``, in a file beside its
+    shipped copy ``target``; None if that run logged none (an agent's run, or a checkpoint moved from its run)."""
     run = run_folder(source)
-    curves = {tag: c for tag, c in read_scalars(run).items() if tag.startswith(PLOTTED)} if run is not None else {}
+    curves = {tag: c for tag, c in read_scalars(run).items() if tag.startswith(SHIPPED)} if run is not None else {}
     if not curves:
         return None
     write_curves(curves, path := curves_path(target))

@@ -49,13 +49,21 @@ def test_time_to_accuracy_script_prints_a_table_and_refuses_a_folder_without_a_r
 
 def test_exit_recipes_measures_every_exit_and_the_threshold_rule(trained_run, image_folder, tmp_path):
     output = tmp_path / "recipes.json"
-    subprocess.run([sys.executable, str(BENCHMARKS / "exit_recipes.py"), str(trained_run), "--data", str(image_folder),
-                    "--saved", "20", "--cache-dir", str(tmp_path / "cache"), "--output", str(output)],
-                   capture_output=True, text=True, check=True)
-    [row] = json.loads(output.read_text())
+
+    def measure(*flags: str) -> list[dict]:
+        subprocess.run([sys.executable, str(BENCHMARKS / "exit_recipes.py"), str(trained_run), "--data",
+                        str(image_folder), "--saved", "20", "--cache-dir", str(tmp_path / "cache"), "--output",
+                        str(output), *flags], capture_output=True, text=True, check=True)
+        return json.loads(output.read_text())
+
+    [row] = measure()
     assert row["epochs"] == 5 and len(row["test_accuracy"]) == len(row["test_ece"]) == 2
     assert all(0 <= a <= 100 for a in row["test_accuracy"] + row["test_ece"])
     assert row["threshold"]["flops_saved_pct"] >= 20
+    # A round rerun replaces its own rows in the ablation file and keeps the other rounds'.
+    others = [{"round": 3, "run": "later"}, {"round": 2, "run": "stale"}, {"round": 1, "run": "a"}]
+    output.write_text(json.dumps(others))
+    assert [(r["round"], r["run"]) for r in measure("--round", "2")] == [(1, "a"), (2, row["run"]), (3, "later")]
 
 
 def test_combined_exits_never_fit_worse_than_the_exits_as_trained_and_print_each_variant(trained_run, image_folder,

@@ -1,4 +1,4 @@
-"""The shipped checkpoints in results/ work from a fresh clone, and the README quotes their report."""
+"""The shipped checkpoints in results/ work from a fresh clone, and the README and docs quote the results files."""
 
 import inspect
 import json
@@ -50,7 +50,7 @@ def test_the_shipped_pair_tests_and_predicts_from_another_folder_on_any_image_fo
     assert list(report["per_class_accuracy"]) == list(CIFAR10_CLASSES) and len(report["per_exit_accuracy"]) == 4
     main(["predict", "--ckpt_path", str(RESULTS / "agent.ckpt"), "tiny/test", "--trainer.enable_progress_bar", "false"])
     out = capsys.readouterr().out
-    assert "tiny/test/truck/0001.jpg" in out and re.search(r"^all class folders +20 ", out, re.M)
+    assert "tiny/test/truck/0001.jpg" in out and re.search(r"^all class folders +20 ", out, re.MULTILINE)
 
 
 def test_the_shipped_classifiers_recipe_is_the_default_config_with_its_30_epoch_cutout_changes(capsys):
@@ -70,20 +70,55 @@ def test_the_shipped_classifiers_recipe_is_the_default_config_with_its_30_epoch_
         {k: v for k, v in shipped["data"]["init_args"].items() if k != "data_dir"}
 
 
-def test_readme_quotes_the_shipped_report():
-    report = json.loads((RESULTS / "report" / "report.json").read_text())
-    table = re.search(r"<!-- results-table -->(.*?)<!-- /results-table -->", (ROOT / "README.md").read_text(), re.S)
-    ours = next(line for line in table.group(1).splitlines() if line.startswith("| eecnn"))
-    assert f"{report['accuracy']:.2f} %" in ours and f"{report['flops_saved_pct']:.1f} %" in ours
+def numbers_in(path: Path) -> set[float]:
+    """Every number a results file holds: a JSON file's values (shares also as %), a text file's figures."""
+    if path.suffix == ".png":
+        return set()
+    if path.suffix != ".json":
+        return {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", path.read_text())}
+    found, todo = set(), [json.loads(path.read_text())]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict | list):
+            todo.extend(value.values() if isinstance(value, dict) else value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found |= {float(value), 100.0 * value}
+    return found
 
 
-def test_readme_quotes_each_exit_trained_alone():
-    exits = json.loads((RESULTS / "exits-alone.json").read_text())["exits"]
-    table = re.search(r"<!-- exits-alone-table -->(.*?)<!-- /exits-alone-table -->", (ROOT / "README.md").read_text(),
-                      re.S).group(1)
+def test_every_figure_in_the_readme_is_in_a_results_file_its_paragraph_links():
+    text = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.DOTALL)  # commands, not figures
+    blocks = [b for b in re.split(r"\n\s*\n|\n(?=\|)", text) if "](results/" in b]  # paragraphs and table rows
+    assert len(blocks) >= 6  # the results table's rows and the limits
+    for block in blocks:
+        linked = [ROOT / link for link in re.findall(r"\]\((results/[^)#]+)", block)]
+        assert all(path.is_file() for path in linked), block
+        known = set().union(*(numbers_in(path) for path in linked))
+        prose = re.sub(r"`[^`]*`", "", block).replace("\u2212", "-")  # inline code holds flags, not figures
+        for figure in re.findall(r"[-+]?\d+\.\d+", prose):
+            places = len(figure.split(".")[1])
+            assert any(round(n, places) == float(figure) for n in known), f"{figure} not in {linked}: {block}"
+
+
+def test_docs_quote_each_exit_trained_alone():
+    exits = json.loads((RESULTS / "recipe" / "exits-alone.json").read_text())["exits"]
+    table = re.search(r"<!-- exits-alone-table -->(.*?)<!-- /exits-alone-table -->",
+                      (ROOT / "docs" / "recipe.md").read_text(), re.DOTALL).group(1)
     rows = [line for line in table.splitlines() if re.match(r"\| \d \|", line)]
     assert [row.split(" | ")[:3] for row in rows] == \
         [[f"| {e['exit']}", f"{e['shared']:.2f} %", f"{e['alone']:.2f} %"] for e in exits]
+
+
+def test_docs_ablation_table_quotes_every_run_of_the_ablation_file_in_order():
+    runs = json.loads((RESULTS / "recipe" / "ablation.json").read_text())
+    table = re.search(r"<!-- ablation-table -->(.*?)<!-- /ablation-table -->",
+                      (ROOT / "docs" / "recipe.md").read_text(), re.DOTALL).group(1)
+    rows = [[cell.strip(" *()") for cell in line.split(" | ")] for line in table.splitlines()
+            if re.match(r"\| \d+b?\. ", line) and "diverged" not in line]
+    assert len(rows) == len(runs)
+    for row, run in zip(rows, runs, strict=True):
+        assert row[1:5] == [f"{a:.1f}" for a in run["test_accuracy"]], run["run"]
+        assert row[6] == f"{run['threshold']['accuracy']:.2f} %", run["run"]
 
 
 @pytest.mark.slow

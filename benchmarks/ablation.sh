@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The recipe ablation in README.md: each row a cheap proxy run (width 0.5, 4 epochs) of configs/cifar10.yaml with
-# one change against an earlier row, then the table of what each run's exits are worth.
-#   bash results/ablation.sh            # from the repository root, in the project's virtual environment
+# The recipe ablation of docs/recipe.md: each row a cheap proxy run (width 0.5, 4 epochs) of configs/cifar10.yaml with
+# one change against an earlier row, then the table of what each run's exits are worth, one round at a time into
+# results/recipe/ablation.json.
+#   bash benchmarks/ablation.sh            # from the repository root, in the project's virtual environment
 # An arm whose folder holds a last.ckpt is skipped; delete the folder to run it again.
 set -euo pipefail
 DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
@@ -50,7 +51,7 @@ arm no-smoothing "${ROUND1[@]}" --model.label_smoothing 0
 
 python benchmarks/exit_recipes.py \
   logs/ablation/w05-e4-{baseline,fast-optim,fast-optim-raw-weights,pool-final1-b256,mlp-final1,no-distillation,no-smoothing} \
-  --data "$DATA" --output results/ablation.json
+  --data "$DATA" --output results/recipe/ablation.json --round 1
 
 # Round 2 (issue 10, rows 6-8), from the recipe round 1 left (no smoothing, no distillation), each arm changing the one
 # before: 6. that recipe, batch 256 at lr 0.2; 7. the first conv initialised as a whitening filter bank of 3x3 patches;
@@ -60,12 +61,12 @@ arm default --data.batch_size 256 --model.optimizer.lr 0.2 --model.whiten_stem f
 arm whiten --data.batch_size 256 --model.optimizer.lr 0.2
 arm whiten-b64
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{default,whiten,whiten-b64} --data "$DATA" \
-  --output results/ablation-round2.json
+  --output results/recipe/ablation.json --round 2
 
 # Round 3 (rows 8b-12), one change each against row 8 (configs/cifar10.yaml), run two at a time side by side, one
 # thread each: 8b. row 8 again at another seed, to read the table's noise; 9. four times the weight decay, at seeds
 # 0 and 1; 10. MSDNet's conv exits; 11. twice the weight decay; 12. batch 32 at lr 0.025.
-# They ran on a Zen 4 EPYC with native bf16, where eecnn picks bf16-mixed; rows 0-8 ran in fp32 on a Zen 2.
+# They ran on zen4 (docs/benchmarks.md), with native bf16, where eecnn picks bf16-mixed; rows 0-8 ran in fp32 on zen2.
 arm seed1 --seed_everything 1
 arm wd2e-3 --model.optimizer.weight_decay 0.002
 arm wd2e-3-seed1 --seed_everything 1 --model.optimizer.weight_decay 0.002
@@ -73,52 +74,53 @@ arm conv-head --model.head conv
 arm wd1e-3 --model.optimizer.weight_decay 0.001
 arm b32 --data.batch_size 32 --model.optimizer.lr 0.025
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{seed1,wd2e-3,wd2e-3-seed1,conv-head,wd1e-3,b32} --data "$DATA" \
-  --output results/ablation-round3.json
+  --output results/recipe/ablation.json --round 3
 
-# Round 4 (rows 13-14), one change each against row 8, two at a time side by side, one thread each, on the Zen 4:
+# Round 4 (rows 13-14), one change each against row 8, two at a time side by side, one thread each, on zen4:
 # 13. the final exit alone in the loss (what training the early exits costs the trunk; the early heads stay
 #     untrained, so only exit 4 and the threshold's absence mean anything); 14. twice the peak learning rate.
 arm final-only --model.exit_weights '[0,0,0,1]'
 arm lr0.1 --model.optimizer.lr 0.1
-python benchmarks/exit_recipes.py logs/ablation/w05-e4-{final-only,lr0.1} --data "$DATA" --output results/ablation-round4.json
+python benchmarks/exit_recipes.py logs/ablation/w05-e4-{final-only,lr0.1} --data "$DATA" \
+  --output results/recipe/ablation.json --round 4
 
-# Round 5 (rows 15-16), one change each against row 8, two at a time side by side, one thread each, on a Zen 3 in
+# Round 5 (rows 15-16), one change each against row 8, two at a time side by side, one thread each, on zen3 in
 # fp32 like rows 0-8: 15. every exit at full weight in the loss; 16. a weight average over the last quarter of the
 # steps only (decay 0.998 from step 2100 of 2812), validated, tested and checkpointed.
 arm exit-weights-1 --model.exit_weights '[1,1,1,1]'
 arm ema-late --trainer.callbacks+=EMAWeightAveraging --trainer.callbacks.decay 0.998 \
   --trainer.callbacks.update_starting_at_step 2100
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{exit-weights-1,ema-late} --data "$DATA" \
-  --output results/ablation-round5.json
+  --output results/recipe/ablation.json --round 5
 
-# Round 6 (rows 17-18), one change each against row 8, two at a time side by side, one thread each, on a Zen 5 EPYC
+# Round 6 (rows 17-18), one change each against row 8, two at a time side by side, one thread each, on zen5a
 # with native bf16: 17. random crops padded by 2 pixels instead of 4; 18. no dropout in the exit heads.
 arm crop2 --data.crop_padding 2
 arm head-dropout-0 --model.head_dropout '[0,0,0,0]'
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{crop2,head-dropout-0} --data "$DATA" \
-  --output results/ablation-round6.json
+  --output results/recipe/ablation.json --round 6
 
-# Round 7 (rows 19-20), one change each against row 8, two at a time side by side, one thread each, on a Zen 5 EPYC
+# Round 7 (rows 19-20), one change each against row 8, two at a time side by side, one thread each, on zen5b
 # with native bf16: 19. airbench's alternating flips; 20. BatchNorm without scales in the stages (shifts only).
 arm flip-alternate --data.horizontal_flip alternate
 arm bn-no-scale --model.batchnorm_scale false
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{flip-alternate,bn-no-scale} --data "$DATA" \
-  --output results/ablation-round7.json
+  --output results/recipe/ablation.json --round 7
 
 # Round 8 (rows 21 and 21b), against rows 8 and 8b (the same seeds), two at a time side by side, one thread each, on
-# a Zen 5 EPYC with native bf16: airbench's lookahead (early_exit.Lookahead: every 5 steps the network is reset to
+# zen5d with native bf16: airbench's lookahead (early_exit.Lookahead: every 5 steps the network is reset to
 # a running average of itself whose decay grows to 0.77 as progress cubed), at seed 0 and at seed 1.
 arm lookahead --trainer.callbacks+=early_exit.Lookahead
 arm lookahead-seed1 --seed_everything 1 --trainer.callbacks+=early_exit.Lookahead
 python benchmarks/exit_recipes.py logs/ablation/w05-e4-{lookahead,lookahead-seed1} --data "$DATA" \
-  --output results/ablation-round8.json
+  --output results/recipe/ablation.json --round 8
 
 # Round 9 (rows 22 and 23), a longer proxy that regularises like the shipped recipe: width 0.5 for 15 epochs with
 # 8x8 cutout (configs/cifar10-30ep-cutout.yaml, its epochs halved), two at a time side by side, one thread each
-# (OMP_NUM_THREADS=1), on a Zen 5 EPYC with native bf16: 22. that proxy as it is; 23. self-distillation from the final
+# (OMP_NUM_THREADS=1), on zen5e with native bf16: 22. that proxy as it is; 23. self-distillation from the final
 # exit (weight 0.5, temperature 3), which the 4-epoch proxy judged in round 1 when no exit was yet worth copying.
 PROXY=(--config configs/cifar10-30ep-cutout.yaml --model.width 0.5 --trainer.max_epochs 15) TAG=w05-e15
 arm base
 arm distill --model.distillation_weight 0.5 --model.distillation_temperature 3
 python benchmarks/exit_recipes.py logs/ablation/w05-e15-{base,distill} --data "$DATA" \
-  --output results/ablation-round9.json
+  --output results/recipe/ablation.json --round 9
