@@ -43,11 +43,15 @@ def test_exit_weights_must_match_the_exits():
         EarlyExitClassifier(num_stages=2, width=0.125, exit_weights=[1, 1, 1])
 
 
-def test_predict_returns_class_and_confidence_per_exit():
+def test_predict_answers_each_image_at_every_exit_whatever_else_is_in_its_batch():
+    torch.manual_seed(0)
     model = EarlyExitClassifier(num_classes=4, num_stages=3, width=0.125).eval()
-    out = model.predict_step((torch.randn(5, 3, 32, 32), torch.zeros(5)), 0)
+    images = torch.randn(5, 3, 32, 32)
+    out = model.predict_step((images, torch.zeros(5)), 0)
     assert out["prediction"].shape == out["confidence"].shape == (5, 3)
-    assert ((out["confidence"] > 0.25) & (out["confidence"] <= 1)).all()
+    alone = [model.predict_step((image[None], torch.zeros(1)), 0) for image in images]
+    assert torch.equal(out["prediction"], torch.cat([a["prediction"] for a in alone]))
+    assert torch.allclose(out["confidence"], torch.cat([a["confidence"] for a in alone]), atol=1e-5)
 
 
 def test_distillation_pulls_early_exits_towards_the_final_exit_only():

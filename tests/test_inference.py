@@ -2,6 +2,8 @@ import csv
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,7 @@ def test_eecnn_test_on_an_agent_writes_a_consistent_report_and_plots(trained_age
     assert all(len(row) == 2 for row in report["per_class_exit_accuracy"].values())
     per_class_exit = list(report["per_class_exit_accuracy"].values())
     assert np.mean(per_class_exit, axis=0) == pytest.approx(report["per_exit_accuracy"])
-    assert all(0 < c["mean"] <= 1 and c["std"] >= 0 for c in report["confidence"])
+    assert [set(c) for c in report["confidence"]] == [{"mean", "std"}] * 2  # one entry per exit
     assert len(report["prediction_changes"]) == 1 and 0 <= report["prediction_changes"][0] <= 48
     assert {"always exit 1", "always exit 2", "oracle"} <= {b["name"] for b in report["baselines"]}
     throughput = report["throughput"]
@@ -96,9 +98,10 @@ def test_predict_reports_each_bad_file_and_predicts_the_rest(trained_agent, tmp_
     rows = [json.loads(line) for line in lines] if suffix == ".jsonl" else list(csv.DictReader(lines))
     good = sorted(name for name, kind in kinds.items() if kind == "ok")
     assert [Path(row["file"]).name for row in rows] == good
+    costs = path_flops(classifier_of(trained_agent).model).tolist()
     for row in rows:
         assert row["class"] in CLASSES and int(row["exit"]) in (1, 2)
-        assert 0.25 <= float(row["confidence"]) <= 1 and float(row["flops"]) > 0
+        assert float(row["flops"]) == pytest.approx(costs[int(row["exit"]) - 1])  # what reaching its exit costs
         assert Path(row["file"]).name in captured.out  # the printed table has a row per image
 
 
@@ -109,6 +112,23 @@ def test_predict_takes_files_and_globs_and_exits_zero_when_all_are_read(trained_
           "--trainer.enable_progress_bar", "false"])
     table = capsys.readouterr().out
     assert all(name in table for name in ("whole.jpg", "rgba.png", "gray.png")) and "palette.gif" not in table
+
+
+def test_predicts_stdout_is_its_table_and_folder_summary_alone_with_the_progress_bar_on(trained_agent, tmp_path):
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    eecnn = Path(sys.executable).parent / "eecnn"  # the installed console script, as a user runs it
+    result = subprocess.run([str(eecnn), "predict", "--ckpt_path", str(trained_agent), "shots"], cwd=tmp_path,
+                            capture_output=True, text=True, check=True)
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert lines[0] == ["file", "class", "confidence", "exit", "MFLOPs"]
+    assert [row[0] for row in lines[1:4]] == ["shots/0.png", "shots/1.png", "shots/2.png"]
+    assert all(row[1] in CLASSES and float(row[2]) > 0 and row[3] in ("1", "2") for row in lines[1:4])
+    assert lines[4:] == [["folder", "images", "mean", "exit", "accuracy"], ["shots", "3", lines[5][2], "-"]]
+    assert "Predicting" in result.stderr  # the progress bar is still there, on standard error
 
 
 def test_predict_on_a_tree_of_class_folders_predicts_every_image_and_scores_each_folder(
