@@ -100,6 +100,22 @@ def test_every_figure_in_the_readme_is_in_a_results_file_its_paragraph_links():
             assert any(round(n, places) == float(figure) for n in known), f"{figure} not in {linked}: {block}"
 
 
+def test_every_link_in_the_readme_and_docs_reaches_a_file_and_heading_of_the_repository():
+    def headings(page: Path) -> set[str]:  # GitHub's anchors: lower case, punctuation dropped, spaces to hyphens
+        return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.*)$", page.read_text(), re.MULTILINE)}
+
+    pages = [ROOT / "README.md", RESULTS / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if link.startswith("https://"):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            assert target.is_relative_to(ROOT) and target.exists(), f"{page.name}: {link}"
+            assert not anchor or anchor in headings(target), f"{page.name}: {link}"
+
+
 def test_docs_quote_each_exit_trained_alone():
     exits = json.loads((RESULTS / "recipe" / "exits-alone.json").read_text())["exits"]
     table = re.search(r"<!-- exits-alone-table -->(.*?)<!-- /exits-alone-table -->",
