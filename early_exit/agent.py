@@ -275,7 +275,8 @@ class ExitAgent(L.LightningModule):
         """(N, k) whether the greedy policy stops at each of the k exits in (N, k, classes) ``logits``, at
         ``compute_weight`` (by default the operating weight); exit k's answer reads exits 0..k only."""
         weight = torch.tensor(self.operating_weight() if compute_weight is None else compute_weight)
-        with torch.no_grad():
+        # In fp32 under any Trainer precision: bf16 Q-values flip close decisions away from the validated curve.
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             q = self.q_net(with_weight(self.features(logits.to(self.device)), weight))
         return q[..., EXIT] >= q[..., CONTINUE]
 

@@ -248,3 +248,17 @@ def test_greedy_exits_on_cached_outputs_are_the_exits_the_engine_asks_for_one_ex
         one_at_a_time = policy_exits(lambda logits, weight=weight: agent(logits, weight), outputs.logits)
         assert torch.equal(agent.greedy_exits(outputs, weight), one_at_a_time)
         assert len(one_at_a_time.unique()) >= 2
+
+
+def test_the_policy_decides_in_fp32_whatever_precision_the_trainer_runs_in():
+    # `eecnn test` and `predict` run test_step and the engine under the Trainer's autocast; the agent was
+    # validated (and its FLOPs target read off a curve) in fp32, so its decisions must not move with bf16.
+    torch.manual_seed(0)
+    logits = torch.randn(4000, 4, CLASSES) * 3
+    agent = ExitAgent("unused.ckpt")
+    with torch.no_grad():  # an exit bias that stops about half the states: many decisions near the boundary
+        q = agent.q_net(with_weight(agent.features(logits), torch.tensor(0.2)))
+        agent.q_net[-1].bias[EXIT] -= (q[..., EXIT] - q[..., CONTINUE]).median()
+    fp32 = agent.stops(logits, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(agent.stops(logits, 0.2), fp32)
