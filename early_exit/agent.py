@@ -17,10 +17,11 @@ from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule
 from early_exit.engine import EarlyExitEngine
 from early_exit.errors import InputError
-from early_exit.evaluation import evaluate_exits, first_exit, path_flops
+from early_exit.evaluation import SAVINGS, evaluate_exits, first_exit, operating_curve, path_flops
 from early_exit.model import EarlyExitCNN
 
 CONTINUE, EXIT = 0, 1
+TARGET_TOLERANCE = 0.5  # points of FLOPs saved on validation a target may be missed by
 NUM_CONFIDENCE_FEATURES = 4  # max prob, margin, entropy, agreement; then the exit one-hot and the softmax vectors
 
 
@@ -51,6 +52,27 @@ def exit_features(logits: Tensor, num_exits: int, class_aware: bool) -> Tensor:
 def with_weight(features: Tensor, compute_weight: Tensor) -> Tensor:
     """The agent's state: ``features`` and the compute weight (per row, or one for all) it is asked to trade at."""
     return torch.cat([features, compute_weight.to(features).expand(features.shape[:-1])[..., None]], dim=-1)
+
+
+def read_operating_weight(curve: Tensor, target: float, clamp: bool = False) -> float:
+    """The smallest compute weight that saves the nearest share to ``target`` % of FLOPs on an agent's
+    validation ``curve`` (rows of weight, FLOPs saved %, accuracy %), if within ``TARGET_TOLERANCE`` points of
+    it: else an InputError that names the nearest shares, or with ``clamp`` (while training) that weight."""
+    if curve.isnan().all():
+        raise InputError("--model.target_flops_saved needs an agent validated by `eecnn fit`: pass a checkpoint "
+                         "it wrote, or --model.compute_weight instead")
+    reached = curve[~curve[:, 0].isnan()]
+    above = reached[reached[:, 1] >= target][:1]  # the smallest weight that saves at least the target
+    below = reached[reached[:, 1] < target][-1:]  # and the largest saving short of it
+    nearest = min([*above, *below], key=lambda row: abs(float(row[1]) - target))
+    if clamp or abs(float(nearest[1]) - target) <= TARGET_TOLERANCE:
+        return float(nearest[0])
+    if not len(above):
+        raise InputError(f"this agent saves at most {float(reached[-1, 1]):.1f} % of FLOPs on validation: lower "
+                         "--model.target_flops_saved, or train with a wider --model.compute_weight_range")
+    reachable = " or ".join(f"{float(row[1]):.1f} %" for row in (*below, *above))
+    raise InputError(f"this agent saves {reachable} of FLOPs on validation, nothing within {TARGET_TOLERANCE} of "
+                     f"{target:g} %: ask --model.target_flops_saved for one of those")
 
 
 class ExitEnvironment:
@@ -133,14 +155,15 @@ class ExitAgent(L.LightningModule):
     the FLOPs spent on it as a fraction of the full network. The weight is an input of the Q-network:
     training draws one per episode from ``compute_weight_range`` (only ``compute_weight`` if None), so
     one agent covers every budget. The greedy policy (epsilon 0) answers at ``compute_weight`` or, with
-    ``target_flops_saved``, at the weight that saves that share of FLOPs on the validation split, read
-    from the curve the checkpoint holds (``curve``: weight, FLOPs saved %, accuracy % on validation).
+    ``target_flops_saved``, at the smallest weight that saves that share of FLOPs on the validation split,
+    read from the curve the checkpoint holds (``curve``: weight, FLOPs saved %, accuracy % on validation,
+    a row per 0.1 % of savings, exact on those images).
     A negative weight pays for continuing; the default range starts below 0 so the curve reaches small
     savings. ``class_aware`` adds the softmax vectors of the exits passed to the state (``exit_features``).
 
     It learns only from images the classifier never trained on: ``val_views`` views (the images, then
     random crops and flips) of the validation split. Checkpoints are selected by the mean validation
-    reward over ``curve_points`` weights, on the plain validation images, the ones the threshold
+    reward at ``curve_points`` weights, on the plain validation images, the ones the threshold
     baselines are tuned on; the test split serves the report only. Those images come from ``data``, a
     ``CIFAR10DataModule`` that `eecnn` sets from its ``data:`` section; left unset, it is built from the
     settings the classifier was trained with.
@@ -188,7 +211,7 @@ class ExitAgent(L.LightningModule):
                                    nn.ReLU(), nn.Linear(hidden_size, 2))
         self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
         self.buffer = ReplayBuffer(replay_size, state_dim)
-        self.register_buffer("curve", torch.full((curve_points, 3), float("nan")))  # measured at every validation
+        self.register_buffer("curve", torch.full((len(SAVINGS), 3), float("nan")))  # measured at every validation
         self.data: CIFAR10DataModule | None = None
         self.outputs: dict[str, ExitOutputs] = {}
         self.engine: EarlyExitEngine | None = None
@@ -239,26 +262,26 @@ class ExitAgent(L.LightningModule):
         return tuple(h.compute_weight_range) if h.compute_weight_range is not None else (h.compute_weight,) * 2
 
     def operating_weight(self, clamp: bool = False) -> float:
-        """The compute weight the greedy policy answers at: ``compute_weight``, or the smallest weight that
-        saves ``target_flops_saved`` % on validation, interpolated on the curve; a target beyond the curve
-        is an InputError, or with ``clamp`` (while training) the weight that saves the most."""
+        """The compute weight the greedy policy answers at: ``compute_weight``, or the weight
+        ``target_flops_saved`` reads off the validation curve (``read_operating_weight``)."""
         target = self.hparams.target_flops_saved
-        if target is None:
-            return self.hparams.compute_weight
-        if self.curve.isnan().any():
-            raise InputError("--model.target_flops_saved needs an agent validated by `eecnn fit`: pass a checkpoint "
-                             "it wrote, or --model.compute_weight instead")
-        weights, saved = self.curve[:, 0].tolist(), self.curve[:, 1].tolist()
-        reached = next((i for i, s in enumerate(saved) if s >= target), None)
-        if reached is None and clamp:
-            return weights[-1]
-        if reached is None:
-            raise InputError(f"this agent saves at most {max(saved):.1f} % of FLOPs on validation: lower "
-                             "--model.target_flops_saved, or train with a wider --model.compute_weight_range")
-        if reached == 0:
-            return weights[0]
-        share = (target - saved[reached - 1]) / (saved[reached] - saved[reached - 1])
-        return weights[reached - 1] + share * (weights[reached] - weights[reached - 1])
+        return self.hparams.compute_weight if target is None else read_operating_weight(self.curve, target, clamp)
+
+    def switch_weights(self, logits: Tensor, steps: int = 40) -> Tensor:
+        """(N, exits - 1) for (N, exits, classes) ``logits``: the smallest compute weight in the training range
+        from which the greedy policy stops each image at exit k or before (inf where it never does), found
+        by bisection on every decision at once. Exact when a higher weight never makes the policy go on,
+        which the tests check for trained agents."""
+        low, high = (torch.full(logits.shape[:1] + (logits.shape[1] - 1,), w, device=self.device)
+                     for w in self.weight_range())
+        features = self.features(logits.to(self.device))[:, :-1]
+        stops_low, stops_high = self.decide(features, low), self.decide(features, high)
+        for _ in range(steps):
+            middle = (low + high) / 2
+            stops = self.decide(features, middle)
+            low, high = torch.where(stops, low, middle), torch.where(stops, middle, high)
+        switch = torch.where(stops_low, low, torch.where(stops_high, high, torch.inf))
+        return switch.cummin(dim=1).values.cpu()
 
     def on_test_start(self) -> None:
         self.engine.to(self.device)
@@ -271,14 +294,18 @@ class ExitAgent(L.LightningModule):
         progress = min(1.0, self.env_steps / max(1, h.epsilon_decay_steps))
         return h.epsilon_start + progress * (h.epsilon_end - h.epsilon_start)
 
+    def decide(self, features: Tensor, compute_weight: Tensor) -> Tensor:
+        """Whether the greedy policy stops in the states ``features`` at ``compute_weight`` (per state or one)."""
+        # In fp32 under any Trainer precision: bf16 Q-values flip close decisions away from the validated curve.
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            q = self.q_net(with_weight(features, compute_weight))
+        return q[..., EXIT] >= q[..., CONTINUE]
+
     def stops(self, logits: Tensor, compute_weight: float | None = None) -> Tensor:
         """(N, k) whether the greedy policy stops at each of the k exits in (N, k, classes) ``logits``, at
         ``compute_weight`` (by default the operating weight); exit k's answer reads exits 0..k only."""
         weight = torch.tensor(self.operating_weight() if compute_weight is None else compute_weight)
-        # In fp32 under any Trainer precision: bf16 Q-values flip close decisions away from the validated curve.
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            q = self.q_net(with_weight(self.features(logits.to(self.device)), weight))
-        return q[..., EXIT] >= q[..., CONTINUE]
+        return self.decide(self.features(logits.to(self.device)), weight)
 
     def forward(self, logits: Tensor, compute_weight: float | None = None) -> Tensor:
         """The greedy policy, as the engine asks it: for (n, k, classes) logits of the exits passed so far,
@@ -332,14 +359,30 @@ class ExitAgent(L.LightningModule):
         return metrics | {f"exit{k}_share": p for k, p in enumerate(result["exit_distribution"], start=1)}
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        """The curve over ``curve_points`` weights; ``val/reward``, what checkpoints are selected by, is its mean."""
-        low, high = self.weight_range()
-        weights = torch.linspace(low, high, self.hparams.curve_points).tolist()
-        curve = [self.policy_metrics("val", w) for w in weights]
-        self.curve.copy_(torch.tensor([[w, m["flops_saved_pct"], 100 * m["acc"]] for w, m in zip(weights, curve)]))
+        """The exact curve a FLOPs target is read from, and ``val/reward``, what checkpoints are selected by:
+        the mean reward at ``curve_points`` weights evenly spread over the training range."""
+        val = self.outputs["val"]
+        switch = self.switch_weights(val.logits)
+        self.curve.copy_(operating_curve(switch, val.correct(), self.costs, self.full_flops, self.weight_range()[0]))
         metrics = {f"val/{k}": v for k, v in self.policy_metrics("val", self.operating_weight(clamp=True)).items()}
-        metrics["val/reward"] = sum(m["reward"] for m in curve) / len(curve)
+        weights = torch.linspace(*self.weight_range(), self.hparams.curve_points).tolist()
+        metrics["val/reward"] = sum(self.policy_metrics("val", w)["reward"] for w in weights) / len(weights)
         self.log_dict(metrics, batch_size=1)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint)
+
+    @staticmethod
+    def check_checkpoint(checkpoint: dict, target_flops_saved: float | None = None) -> None:
+        """Refuse, in one line, an agent checkpoint this version cannot read a FLOPs target from, or a
+        ``target_flops_saved`` its validation curve does not reach: before any image is read."""
+        curve = checkpoint["state_dict"]["curve"]
+        if target_flops_saved is not None and len(curve) == len(SAVINGS):
+            read_operating_weight(curve, target_flops_saved)
+        if len(curve) != len(SAVINGS):
+            raise InputError("this agent checkpoint was written by an older eecnn, whose validation curve a FLOPs "
+                             "target cannot be read from exactly: retrain it with `eecnn fit --config "
+                             "configs/agent.yaml`")
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """The greedy policy on the cached test split; ``report.EarlyExitReport`` runs it through the engine."""

@@ -263,6 +263,8 @@ class EarlyExitCLI(LightningCLI):
         self.config = parser.parse_args(args)
         model = (self.config[subcommand] if subcommand else self.config).model
         if model.class_path.rsplit(".", 1)[-1] == ExitAgent.__name__:  # its data defaults to its classifier's
+            if ckpt_path and subcommand in ("test", "predict"):  # now, not after its exit cache is built
+                ExitAgent.check_checkpoint(checkpoint, model.init_args.target_flops_saved)
             classifier = read_checkpoint(model.init_args.classifier_ckpt, option="--model.classifier_ckpt")
             set_data_defaults(defaults, classifier)
             self.config = parser.parse_args(args)

@@ -40,6 +40,30 @@ def evaluate_exits(exits: Tensor, outputs: ExitOutputs, costs: Tensor, full_flop
     }
 
 
+SAVINGS = torch.linspace(0, 100, 1001, dtype=torch.float64)  # the FLOPs savings (%) an operating curve has a row for
+
+
+def operating_curve(switch: Tensor, correct: Tensor, costs: Tensor, full_flops: float, start: float) -> Tensor:
+    """(len(SAVINGS), 3) rows of (parameter, FLOPs saved %, accuracy %): for each saving in ``SAVINGS``, the
+    smallest value from ``start`` on of a policy's scalar parameter at which it saves at least that much, NaN
+    where no value does. The policy stops image n at exit k or before for every value from ``switch[n, k]``
+    on ((N, exits - 1), non-increasing along k, inf where never); ``correct`` (N, exits) says which exits
+    are right. Exact on these images: every value where a decision changes is a candidate."""
+    n, gaps = len(switch), costs.diff().double()
+    columns = switch.double().T.contiguous().sort(dim=-1).values  # per exit k: the values from which images stop by k
+    candidates = torch.cat([switch.flatten().double(), torch.tensor([start], dtype=torch.float64)])
+    candidates = candidates[candidates.isfinite() & (candidates >= start)].unique()  # sorted
+    going_on = 1 - torch.searchsorted(columns, candidates.expand(len(columns), -1).contiguous(), right=True) / n
+    saved = 100 * (1 - (costs[0] + gaps @ going_on.double()) / full_flops)  # non-decreasing in the value
+    first = torch.searchsorted(saved, SAVINGS)
+    reached = first < len(candidates)
+    values = candidates[first.clamp(max=len(candidates) - 1)]
+    exits = (switch.double()[None] > values[:, None, None]).sum(-1)  # (rows, N) exits passed before stopping
+    accuracy = 100 * correct.T[exits, torch.arange(n)].double().mean(-1)
+    rows = torch.stack([values, saved[first.clamp(max=len(saved) - 1)], accuracy], dim=-1)
+    return torch.where(reached[:, None], rows, torch.nan)
+
+
 def confidence_scores(logits: Tensor, kind: str) -> Tensor:
     """(N, exits) scores for (N, exits, classes) logits, higher meaning "confident enough to stop":
     max softmax or minus normalised entropy."""

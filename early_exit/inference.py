@@ -27,7 +27,7 @@ from early_exit.engine import EarlyExitResult
 from early_exit.errors import InputError
 from early_exit.evaluation import baselines
 from early_exit.files import write_text
-from early_exit.report import evaluate_engine
+from early_exit.report import evaluate_engine, policy_report
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
 
@@ -137,6 +137,7 @@ class EarlyExitPredictor:
         checkpoint = read_checkpoint(agent_ckpt)
         args = model_args(checkpoint, agent_ckpt)
         agent = ExitAgent(**args | {"classifier_ckpt": str(classifier_ckpt or args["classifier_ckpt"])})
+        agent.on_load_checkpoint(checkpoint)
         agent.load_state_dict(checkpoint["state_dict"])
         predictor = cls(agent.to(device).eval(), batch_size)
         predictor.classifier.to(device)
@@ -170,14 +171,14 @@ class EarlyExitPredictor:
 
     def evaluate(self, loader, val_loader=None) -> dict:
         """The report (the dict ``eecnn test`` writes to report.json) on a loader of (images, labels) batches;
-        threshold baselines are tuned on ``val_loader`` if one is given, else only fixed exits and the oracle."""
+        threshold baselines are tuned on ``val_loader`` if one is given (and the FLOPs the policy saves there
+        reported), else only fixed exits and the oracle."""
         images, labels = self._collect(loader)
         outputs = run_exits(self.classifier, images, labels)
-        costs, full = self.engine.costs, self.engine.full_flops
-        if val_loader is None:
-            others = baselines(outputs, outputs, costs, full, targets=())
-        else:
-            others = baselines(run_exits(self.classifier, *self._collect(val_loader)), outputs, costs, full)
+        if val_loader is not None:
+            val = run_exits(self.classifier, *self._collect(val_loader))
+            return policy_report(self.engine, images, val, outputs, self.classes, self.batch_size)
+        others = baselines(outputs, outputs, self.engine.costs, self.engine.full_flops, targets=())
         return evaluate_engine(self.engine, images, outputs, self.classes, others, self.batch_size)[1]
 
     @staticmethod

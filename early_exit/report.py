@@ -104,7 +104,8 @@ def policy_report(engine: EarlyExitEngine, images: Tensor, val: ExitOutputs, tes
     own = evaluate_exits(policy_exits(engine.policy, val.logits), val, engine.costs, engine.full_flops)
     targets = sorted({20.0, 30.0, 40.0, 50.0, 60.0, round(own["flops_saved_pct"], 1)})
     others = baselines(val, test, engine.costs, engine.full_flops, tuple(targets))
-    return evaluate_engine(engine, images, test, classes, others, batch_size)[1]
+    report = evaluate_engine(engine, images, test, classes, others, batch_size)[1]
+    return report | {"val_flops_saved_pct": own["flops_saved_pct"]}  # what a FLOPs target is held to
 
 
 class EarlyExitReport(Callback):
@@ -146,6 +147,8 @@ def summary_table(report: dict) -> str:
         ("accuracy", f"{report['accuracy']:.2f} %"),
         ("FLOPs saved", (f"{report['flops_saved_pct']:.1f} % ({report['mean_flops'] / 1e6:.1f} of "
                          f"{report['full_flops'] / 1e6:.1f} MFLOPs per image)")),
+        *([("FLOPs saved on validation", f"{report['val_flops_saved_pct']:.1f} %")]
+          if "val_flops_saved_pct" in report else []),
         ("exit shares", f"{shares} %"),
         ("each exit's accuracy", f"{per_exit} %"),
         ("effectiveness", f"{report['effectiveness']:.2f}"),

@@ -111,7 +111,7 @@ def test_an_agent_without_its_classifier_says_which_flag_to_pass():
 def agent_fit_args(trained_run: Path) -> list[str]:
     return ["fit", "--config", AGENT_CONFIG, "--model.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"),
             "--model.num_exits", "2", "--model.num_classes", "4", "--model.steps_per_epoch", "20",
-            "--trainer.max_epochs", "1",
+            "--trainer.max_epochs", "1", "--model.target_flops_saved", "null",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -158,12 +158,30 @@ def test_a_data_path_missing_here_falls_back_to_torchvision_cifar10_in_data(trai
     assert message == "eecnn: error: data_dir data does not exist: check --data.data_dir, or pass --data.download true"
 
 
-@pytest.mark.parametrize("flags, weight, target", [([], 0.5, 40.0), (["--model.compute_weight", "0.7"], 0.7, None),
+@pytest.mark.parametrize("flags, weight, target", [([], 0.5, None), (["--model.compute_weight", "0.7"], 0.7, None),
                                                    (["--model.target_flops_saved", "55"], 0.5, 55.0)])
 def test_an_agents_operating_point_is_chosen_when_it_is_tested(trained_agent, capsys, flags, weight, target):
     run(["test", "--ckpt_path", str(trained_agent), *flags, "--print_config"])
     model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert (model["compute_weight"], model["target_flops_saved"]) == (weight, target)  # a weight replaces the target
+
+
+def test_a_flops_target_the_agent_cannot_meet_is_refused_before_any_image_is_read(trained_agent, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = error_of(["test", "--ckpt_path", str(trained_agent), "--model.target_flops_saved", "99"])
+    assert message.startswith("eecnn: error: this agent saves at most ") and "--model.target_flops_saved" in message
+    assert not (tmp_path / "logs").exists()  # no exit cache built, no log folder left
+
+
+def test_an_agent_whose_curve_predates_exact_targets_says_to_retrain_it(trained_agent, tmp_path, monkeypatch):
+    checkpoint = torch.load(trained_agent, weights_only=True)
+    checkpoint["state_dict"]["curve"] = checkpoint["state_dict"]["curve"][:21]  # as agents were saved before
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    monkeypatch.chdir(tmp_path)
+    message = error_of(["predict", "--ckpt_path", "old.ckpt", "photo.png"])
+    assert message.startswith("eecnn: error: this agent checkpoint was written by an older eecnn")
+    assert "retrain" in message
 
 
 def test_an_agent_from_an_earlier_eecnn_says_to_retrain_it(trained_agent, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
     "accuracy", "flops_saved_pct", "mean_flops", "full_flops", "exit_distribution", "exit_accuracy",
     "per_exit_accuracy", "per_class_accuracy", "per_class_exit_accuracy", "confidence", "effectiveness",
-    "prediction_changes", "baselines", "throughput",
+    "prediction_changes", "baselines", "throughput", "val_flops_saved_pct",
 }
 PLOTS = ("exit_distribution", "confidence", "per_class_accuracy", "class_exit_accuracy", "tradeoff", "training_curves")
 
