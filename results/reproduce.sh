@@ -105,3 +105,6 @@ python benchmarks/time_to_accuracy.py "$RUN" "$PREVIOUS_RUN" "$DEFAULT_RUN" "${L
   --output results/recipe/time-to-accuracy.json
 # 6. Exits that reuse the earlier exits' answers (Zero Time Waste's ensemble), fitted after the fact: docs/recipe.md.
 python benchmarks/combined_exits.py results/classifier.ckpt --data "$DATA" --output results/recipe/combined-exits.json
+# 7. The shipped agent and the threshold rule on corrupted copies of the test split (docs/agent.md, "Under
+#    distribution shift").
+python benchmarks/shift.py results/agent.ckpt --data "$DATA" --output results/agent/shift.json

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
@@ -115,3 +116,40 @@ def test_exits_alone_are_measured_against_the_shared_exits_and_spliced_into_them
                          check=False)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "has 2 exits: give one" in bad.stderr
 
+
+
+def test_each_corruption_is_seeded_and_moves_the_images_further_the_higher_its_severity():
+    sys.path.insert(0, str(BENCHMARKS))
+    from shift import CORRUPTIONS, corrupt
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    for kind in CORRUPTIONS:
+        copies = [corrupt(images, kind, severity) for severity in (1, 3, 5)]
+        assert all(c.dtype == torch.uint8 and c.shape == images.shape for c in copies), kind
+        assert torch.equal(copies[2], corrupt(images, kind, 5)), kind  # the same copy on every run
+        distance = [(c.float() - images.float()).abs().mean().item() for c in copies]
+        assert 0 < distance[0] < distance[1] < distance[2], (kind, distance)
+
+
+def test_shift_benchmark_measures_the_agent_as_eecnn_test_reports_it_on_clean_images(trained_agent, image_folder,
+                                                                                    tmp_path):
+    from early_exit.cli import main
+
+    with contextlib.chdir(tmp_path):
+        main(["test", "--ckpt_path", str(trained_agent), "--data.data_dir", str(image_folder),
+              "--trainer.enable_progress_bar", "false"])
+    report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
+    output = tmp_path / "shift.json"
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "shift.py"), str(trained_agent), "--data",
+                          str(image_folder), "--kinds", "contrast", "jpeg", "--severities", "1", "5", "--cache-dir",
+                          str(tmp_path / "cache"), "--output", str(output)],
+                         capture_output=True, text=True, check=True).stdout
+    result = json.loads(output.read_text())
+    assert [(r["corruption"], r["severity"]) for r in result["rows"]] == \
+        [("clean", 0), ("contrast", 1), ("contrast", 5), ("jpeg", 1), ("jpeg", 5)]
+    clean = result["rows"][0]["policies"]
+    assert clean["agent"]["accuracy"] == pytest.approx(report["accuracy"])  # the engine's figures, read off the cache
+    assert clean["agent"]["flops_saved_pct"] == pytest.approx(report["flops_saved_pct"])
+    assert clean["final exit alone"]["accuracy"] == pytest.approx(report["per_exit_accuracy"][-1])
+    assert result["val_flops_saved_pct"] == pytest.approx(report["val_flops_saved_pct"])
+    assert "| mean of the corrupted copies |" in out
