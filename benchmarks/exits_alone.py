@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from early_exit.cache import ExitOutputs, checkpoint_exits
+from early_exit.cache import checkpoint_exits
 from early_exit.errors import InputError
-from early_exit.evaluation import max_softmax_rules, path_flops
+from early_exit.evaluation import ExitOutputs, max_softmax_rules, path_flops
 from early_exit.files import write_json
 
 

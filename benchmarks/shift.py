@@ -24,10 +24,17 @@ from torch import Tensor
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.functional import gaussian_blur
 
-from early_exit.cache import ExitOutputs, checkpoint_exits, run_exits
+from early_exit.cache import checkpoint_exits, run_exits
 from early_exit.data import CIFAR10DataModule
 from early_exit.errors import InputError
-from early_exit.evaluation import confidence_scores, evaluate_exits, path_flops, threshold_exits, tune_thresholds
+from early_exit.evaluation import (
+    ExitOutputs,
+    confidence_scores,
+    evaluate_exits,
+    path_flops,
+    threshold_exits,
+    tune_thresholds,
+)
 from early_exit.files import write_json
 from early_exit.inference import EarlyExitPredictor
 

@@ -12,12 +12,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from early_exit.cache import ExitOutputs, exit_cache, load_classifier, normalized_entropy
+from early_exit.cache import exit_cache, load_classifier
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule
 from early_exit.engine import EarlyExitEngine
 from early_exit.errors import InputError
-from early_exit.evaluation import SAVINGS, evaluate_exits, first_exit, operating_curve, path_flops
+from early_exit.evaluation import (
+    SAVINGS,
+    ExitOutputs,
+    evaluate_exits,
+    first_exit,
+    normalized_entropy,
+    operating_curve,
+    path_flops,
+)
 from early_exit.model import EarlyExitCNN
 
 CONTINUE, EXIT = 0, 1

@@ -5,8 +5,6 @@ once per checkpoint and data; the cache file is named by both and reused.
 """
 
 import hashlib
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,34 +14,10 @@ from early_exit.checkpoint import data_args, init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10_CLASSES, CIFAR10DataModule, normalize, random_crop_flip
 from early_exit.errors import InputError
+from early_exit.evaluation import ExitOutputs
 from early_exit.files import write_atomic
 
 SPLITS = ("train", "val", "test")  # and "val_views": views of the validation images (``augmented_views``)
-
-
-@dataclass
-class ExitOutputs:
-    """One split's exit outputs: ``logits`` (N, exits, classes) and ``labels`` (N,)."""
-
-    logits: Tensor
-    labels: Tensor
-
-    @property
-    def num_exits(self) -> int:
-        return self.logits.shape[1]
-
-    def predictions(self) -> Tensor:
-        return self.logits.argmax(-1)
-
-    def correct(self) -> Tensor:
-        """(N, exits) bool: whether each exit's prediction is right."""
-        return self.predictions() == self.labels[:, None]
-
-
-def normalized_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the softmax over the last dimension, divided by its maximum, log(classes): in [0, 1]."""
-    probs = logits.float().softmax(-1)
-    return -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
 
 
 def file_digest(path: Path) -> str:

@@ -6,13 +6,39 @@ exit k: stages 1..k and heads 1..k, relative to the plain network (all stages, f
 """
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from early_exit.cache import ExitOutputs, normalized_entropy
 from early_exit.model import EarlyExitCNN
+
+
+@dataclass
+class ExitOutputs:
+    """One split's exit outputs: ``logits`` (N, exits, classes) and ``labels`` (N,)."""
+
+    logits: Tensor
+    labels: Tensor
+
+    @property
+    def num_exits(self) -> int:
+        return self.logits.shape[1]
+
+    def predictions(self) -> Tensor:
+        return self.logits.argmax(-1)
+
+    def correct(self) -> Tensor:
+        """(N, exits) bool: whether each exit's prediction is right."""
+        return self.predictions() == self.labels[:, None]
+
+
+def normalized_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the softmax over the last dimension, divided by its maximum, log(classes): in [0, 1]."""
+    probs = logits.float().softmax(-1)
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
 
 
 def path_flops(model: EarlyExitCNN) -> Tensor:

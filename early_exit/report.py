@@ -17,11 +17,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from early_exit.cache import ExitOutputs
 from early_exit.curves import Curves, training_curves
 from early_exit.data import normalize
 from early_exit.engine import EarlyExitEngine, EarlyExitResult, images_per_second
-from early_exit.evaluation import baselines, evaluate_exits, policy_exits
+from early_exit.evaluation import ExitOutputs, baselines, evaluate_exits, policy_exits
 from early_exit.files import write_atomic, write_json
 
 

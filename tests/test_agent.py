@@ -7,9 +7,16 @@ from conftest import make_image_folder
 
 from early_exit import ExitAgent, InputError
 from early_exit.agent import CONTINUE, EXIT, ExitEnvironment, with_weight
-from early_exit.cache import ExitOutputs, exit_cache, load_classifier
+from early_exit.cache import exit_cache, load_classifier
 from early_exit.data import CIFAR10DataModule
-from early_exit.evaluation import SAVINGS, evaluate_exits, first_exit, operating_curve, policy_exits
+from early_exit.evaluation import (
+    SAVINGS,
+    ExitOutputs,
+    evaluate_exits,
+    first_exit,
+    operating_curve,
+    policy_exits,
+)
 from early_exit.model import EarlyExitCNN
 
 CLASSES = 10

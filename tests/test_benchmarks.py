@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
-from early_exit.cache import ExitOutputs
 from early_exit.curves import time_to_accuracy
+from early_exit.evaluation import ExitOutputs
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

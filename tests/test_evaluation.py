@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from early_exit.cache import ExitOutputs
 from early_exit.evaluation import (
+    ExitOutputs,
     baselines,
     confidence_scores,
     evaluate_exits,
