@@ -148,3 +148,18 @@ def test_eecnn_test_reproduces_the_shipped_report(tmp_path, monkeypatch):
     for key in ("accuracy", "flops_saved_pct"):
         assert fresh[key] == pytest.approx(shipped[key], abs=0.1), key
     assert fresh["per_exit_accuracy"] == pytest.approx(shipped["per_exit_accuracy"], abs=0.1)
+
+
+def test_docs_shift_table_quotes_every_copy_of_the_shift_benchmark():
+    rows = json.loads((RESULTS / "agent" / "shift.json").read_text())["rows"]
+    table = re.search(r"<!-- shift-table -->(.*?)<!-- /shift-table -->", (ROOT / "docs" / "agent.md").read_text(),
+                      re.DOTALL).group(1)
+    lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    assert len(lines) == len(rows)
+    for line, row in zip(lines, rows, strict=True):
+        agent, threshold, final = (row["policies"][k] for k in ("agent", "max-softmax threshold", "final exit alone"))
+        assert line[:2] == [row["corruption"].replace("_", " "), str(row["severity"] or "")]
+        assert line[2:] == [f"{agent['accuracy']:.2f} %", f"{agent['flops_saved_pct']:.1f} %",
+                            f"{agent['wrong_early_pct']:.2f} %", f"{threshold['accuracy']:.2f} %",
+                            f"{threshold['flops_saved_pct']:.1f} %", f"{threshold['wrong_early_pct']:.2f} %",
+                            f"{final['accuracy']:.2f} %"]
