@@ -191,6 +191,7 @@ class EarlyExitCLI(LightningCLI):
             },
         })
 
+    # Private: add_arguments_to_parser is not told which subcommand's parser it fills, and only predict takes files.
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
@@ -249,6 +250,7 @@ class EarlyExitCLI(LightningCLI):
             args = _without_option(argv, "--ckpt_path") + ["--ckpt_path", str(ckpt_path)]
             if version is not None:  # continue that run's TensorBoard log, not a new version's
                 args += ["--trainer.logger.init_args.version", str(version)]
+        # Private: no public accessor gives the subcommand's parser, whose defaults a checkpoint's settings become.
         defaults = self._subcommand_parsers[subcommand] if subcommand else parser  # run=False has no subcommands
         if subcommand and ckpt_path:
             checkpoint = read_checkpoint(ckpt_path)
@@ -269,6 +271,7 @@ class EarlyExitCLI(LightningCLI):
             set_data_defaults(defaults, classifier)
             self.config = parser.parse_args(args)
 
+    # Private: no public hook stops LightningCLI from re-applying a checkpoint's hyper-parameters over the flags.
     def _parse_ckpt_path(self) -> None:
         """Lightning would re-apply the checkpoint's hyper-parameters over the parsed config, silently undoing
         flags such as ``--model.classifier_ckpt``; ``parse_arguments`` already made them overridable defaults."""
