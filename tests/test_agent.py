@@ -257,11 +257,13 @@ def test_bad_classifier_checkpoints_are_reported(trained_run, tmp_path):
 
 
 def test_the_agent_learns_and_is_selected_on_held_out_images_only(trained_agent):
-    caches = [p.name.rsplit("-", 1)[1] for p in (trained_agent.parents[3] / "exit_cache").iterdir()]
-    assert caches == ["val.pt"]  # `eecnn fit` of an agent cached no training images
+    folder = trained_agent.parents[3] / "exit_cache"
+    caches = sorted(p.name.split("-data")[1].split("-", 1)[1] for p in folder.iterdir())
+    assert caches == ["val.pt", "val_views8-crop4-flip.pt"]  # `eecnn fit` of an agent cached no training images
     agent = ExitAgent.load_from_checkpoint(trained_agent, map_location="cpu")
-    agent.setup("fit")
-    assert set(agent.outputs) == {"val"} and len(agent.env.features) == len(agent.outputs["val"].labels)
+    agent.setup("fit")  # it learns from the 8 views of each validation image, as configs/agent.yaml says
+    assert set(agent.outputs) == {"val", "val_views"}
+    assert len(agent.env.features) == 8 * len(agent.outputs["val"].labels)
 
 
 def test_val_views_hold_each_validation_image_then_random_crops_and_flips(trained_run, image_folder, tmp_path):
