@@ -385,12 +385,12 @@ class ExitAgent(L.LightningModule):
         """Refuse, in one line, an agent checkpoint this version cannot read a FLOPs target from, or a
         ``target_flops_saved`` its validation curve does not reach: before any image is read."""
         curve = checkpoint["state_dict"]["curve"]
-        if target_flops_saved is not None and len(curve) == len(SAVINGS):
-            read_operating_weight(curve, target_flops_saved)
         if len(curve) != len(SAVINGS):
             raise InputError("this agent checkpoint was written by an older eecnn, whose validation curve a FLOPs "
                              "target cannot be read from exactly: retrain it with `eecnn fit --config "
                              "configs/agent.yaml`")
+        if target_flops_saved is not None:
+            read_operating_weight(curve, target_flops_saved)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """The greedy policy on the cached test split; ``report.EarlyExitReport`` runs it through the engine."""
