@@ -171,3 +171,21 @@ def test_readme_python_example_runs(trained_agent, image_folder, tmp_path, monke
     exec(compile(readme_python_example(), "README.md", "exec"), {})  # noqa: S102 - the README's own example
     out = capsys.readouterr().out
     assert "'class': 'circle'" in out and re.search(r"\d+\.\d+ % accurate, -?\d+\.\d % of FLOPs saved", out)
+
+
+def test_the_python_apis_evaluate_with_validation_images_is_the_report_eecnn_test_writes(trained_agent, tmp_path,
+                                                                                         monkeypatch):
+    from early_exit import EarlyExitPredictor
+
+    monkeypatch.chdir(tmp_path)
+    main(["test", "--ckpt_path", str(trained_agent), "--trainer.enable_progress_bar", "false"])
+    report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
+    predictor = EarlyExitPredictor.from_checkpoint(trained_agent)
+    data = predictor.agent.data  # the images the classifier recorded, as `eecnn test` reads them
+    data.prepare_data()
+    data.setup("fit")
+    data.setup("test")
+    ours = predictor.evaluate(data.test_dataloader(), data.val_dataloader())
+    for key in ("accuracy", "flops_saved_pct", "val_flops_saved_pct", "exit_distribution", "per_exit_accuracy"):
+        assert ours[key] == pytest.approx(report[key]), key
+    assert ours["baselines"] == report["baselines"]
