@@ -24,14 +24,13 @@ from torch import Tensor
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.functional import gaussian_blur
 
-from early_exit.cache import checkpoint_exits, run_exits
+from early_exit.cache import exit_cache, run_exits
 from early_exit.data import CIFAR10DataModule
 from early_exit.errors import InputError
 from early_exit.evaluation import (
     ExitOutputs,
     confidence_scores,
     evaluate_exits,
-    path_flops,
     threshold_exits,
     tune_thresholds,
 )
@@ -109,18 +108,18 @@ def main() -> None:
     args = parser.parse_args()
     try:
         predictor = EarlyExitPredictor.from_checkpoint(args.agent)
-        agent, classifier_ckpt = predictor.agent, predictor.agent.hparams.classifier_ckpt
-        classifier, clean = checkpoint_exits(classifier_ckpt, args.data, args.cache_dir)
+        agent, classifier = predictor.agent, predictor.classifier
+        data = CIFAR10DataModule(**(dict(agent.data.hparams) | ({"data_dir": args.data} if args.data else {})))
+        clean = exit_cache(classifier, agent.hparams.classifier_ckpt, data, args.cache_dir, ("val", "test"))
         if args.target is not None:
             agent.hparams.target_flops_saved = args.target
         agent_weight = agent.operating_weight()
     except (InputError, ValueError) as err:
         sys.exit(f"shift: error: {err}")
-    data = CIFAR10DataModule(**(dict(agent.data.hparams) | ({"data_dir": args.data} if args.data else {})))
     data.prepare_data()
     data.setup("test")
     images, labels = data.datasets["test"].tensors
-    costs, full_flops = path_flops(classifier.model), float(classifier.model.exit_flops[-1])
+    costs, full_flops = predictor.engine.costs, predictor.engine.full_flops
     val_saved = evaluate_exits(agent.greedy_exits(clean["val"], agent_weight), clean["val"], costs,
                                full_flops)["flops_saved_pct"]
     thresholds = tune_thresholds(confidence_scores(clean["val"].logits, "max_softmax"), clean["val"], costs,

@@ -75,18 +75,17 @@ def operating_curve(switch: Tensor, correct: Tensor, costs: Tensor, full_flops: 
     where no value does. The policy stops image n at exit k or before for every value from ``switch[n, k]``
     on ((N, exits - 1), non-increasing along k, inf where never); ``correct`` (N, exits) says which exits
     are right. Exact on these images: every value where a decision changes is a candidate."""
-    n, gaps = len(switch), costs.diff().double()
-    columns = switch.double().T.contiguous().sort(dim=-1).values  # per exit k: the values from which images stop by k
-    candidates = torch.cat([switch.flatten().double(), torch.tensor([start], dtype=torch.float64)])
+    switch, n = switch.double(), len(switch)
+    columns = switch.T.contiguous().sort(dim=-1).values  # per exit k: the values from which images stop by k
+    candidates = torch.cat([switch.flatten(), torch.tensor([start], dtype=torch.float64)])
     candidates = candidates[candidates.isfinite() & (candidates >= start)].unique()  # sorted
     going_on = 1 - torch.searchsorted(columns, candidates.expand(len(columns), -1).contiguous(), right=True) / n
-    saved = 100 * (1 - (costs[0] + gaps @ going_on.double()) / full_flops)  # non-decreasing in the value
+    saved = 100 * (1 - (costs[0] + costs.diff().double() @ going_on.double()) / full_flops)  # non-decreasing in it
     first = torch.searchsorted(saved, SAVINGS)
-    reached = first < len(candidates)
-    values = candidates[first.clamp(max=len(candidates) - 1)]
-    exits = (switch.double()[None] > values[:, None, None]).sum(-1)  # (rows, N) exits passed before stopping
+    reached, first = first < len(candidates), first.clamp(max=len(candidates) - 1)
+    exits = (switch[None] > candidates[first, None, None]).sum(-1)  # (rows, N) exits passed before stopping
     accuracy = 100 * correct.T[exits, torch.arange(n)].double().mean(-1)
-    rows = torch.stack([values, saved[first.clamp(max=len(saved) - 1)], accuracy], dim=-1)
+    rows = torch.stack([candidates[first], saved[first], accuracy], dim=-1)
     return torch.where(reached[:, None], rows, torch.nan)
 
 

@@ -146,8 +146,7 @@ def summary_table(report: dict) -> str:
         ("accuracy", f"{report['accuracy']:.2f} %"),
         ("FLOPs saved", (f"{report['flops_saved_pct']:.1f} % ({report['mean_flops'] / 1e6:.1f} of "
                          f"{report['full_flops'] / 1e6:.1f} MFLOPs per image)")),
-        *([("FLOPs saved on validation", f"{report['val_flops_saved_pct']:.1f} %")]
-          if "val_flops_saved_pct" in report else []),
+        ("FLOPs saved on validation", f"{report['val_flops_saved_pct']:.1f} %"),
         ("exit shares", f"{shares} %"),
         ("each exit's accuracy", f"{per_exit} %"),
         ("effectiveness", f"{report['effectiveness']:.2f}"),
