@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from early_exit.agent import EXIT, NUM_CONFIDENCE_FEATURES, ExitAgent, with_weight
+from early_exit.cache import ExitCache
 from early_exit.cli import EarlyExitCLI
 from early_exit.data import normalize
+from early_exit.engine import inference_copy
 from early_exit.files import write_json
 from early_exit.report import describe_device
 
@@ -35,32 +37,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def eecnn_training(classifier_ckpt: str, data: str | None, workdir: str) -> dict:
-    args = ["--config", str(ROOT / "configs" / "agent.yaml"), "--model.classifier_ckpt", classifier_ckpt,
+    args = ["--config", str(ROOT / "configs" / "agent.yaml"), "--data.classifier_ckpt", classifier_ckpt,
             "--trainer.logger.save_dir", workdir, "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", workdir]
     cli = EarlyExitCLI(args=args + (["--data.data_dir", data] if data else []), run=False)
     agent: ExitAgent = cli.model
+    cache: ExitCache = cli.datamodule
     start = time.perf_counter()
-    agent.setup("fit")  # reads the cache, or builds it: the CNN runs once per image and split
+    cache.setup("fit")  # reads the cache, or builds it: the CNN runs once per image and split
     cache_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    cli.trainer.fit(agent)
+    cli.trainer.fit(agent, datamodule=cache)
     seconds = time.perf_counter() - start
     steps = agent.env_steps * agent.hparams.num_envs
     return {"wall_s": seconds, "cache_s": cache_seconds, "episodes": agent.episodes, "env_steps": steps,
-            "env_steps_per_s": steps / seconds, "episodes_per_s": agent.episodes / seconds, "agent": agent}
+            "env_steps_per_s": steps / seconds, "episodes_per_s": agent.episodes / seconds, "agent": agent,
+            "cache": cache}
 
 
-def seed_style_training(template: ExitAgent, images: torch.Tensor, labels: torch.Tensor, episodes: int) -> dict:
+def seed_style_training(template: ExitAgent, cache: ExitCache, episodes: int) -> dict:
     """One image, one CNN forward and one DQN update per decision at a time, as in the seed."""
     h = template.hparams
-    model = template.engine.model
+    images, labels = cache.images.datasets["val"].tensors
+    model = inference_copy(cache.model)
     q_net = copy.deepcopy(template.q_net)
     target_net = copy.deepcopy(q_net)
     optimizer = torch.optim.Adam(q_net.parameters(), lr=h.lr)
     memory: deque = deque(maxlen=h.replay_size)
-    step_costs = (template.costs.diff(prepend=template.costs.new_zeros(1)) / template.full_flops).float()
-    steps, last = 0, h.num_exits - 1
+    step_costs = template.step_costs
+    num_exits = cache.num_exits
+    steps, last = 0, num_exits - 1
     start = time.perf_counter()
     for _ in range(episodes):
         i = random.randrange(len(images))
@@ -69,7 +75,7 @@ def seed_style_training(template: ExitAgent, images: torch.Tensor, labels: torch
         weight = torch.empty(()).uniform_(*template.weight_range())  # the episode's compute weight
         states = with_weight(template.features(logits)[0], weight)
         right = logits[0].argmax(-1) == labels[i]
-        for k in range(h.num_exits):
+        for k in range(num_exits):
             epsilon = max(h.epsilon_end, 1 - steps / h.epsilon_decay_steps)
             with torch.no_grad():
                 action = random.randrange(2) if random.random() < epsilon else int(q_net(states[k][None]).argmax())
@@ -85,7 +91,7 @@ def seed_style_training(template: ExitAgent, images: torch.Tensor, labels: torch
                 q = q_net(s).gather(1, a[:, None]).squeeze(1)
                 with torch.no_grad():
                     q_next = target_net(s2)
-                    is_last = s2[:, NUM_CONFIDENCE_FEATURES + h.num_exits - 1] == 1
+                    is_last = s2[:, NUM_CONFIDENCE_FEATURES + last] == 1
                     value = torch.where(is_last, q_next[:, EXIT], q_next.max(-1).values)
                     target = r + h.gamma * value * (~d)
                 loss = F.smooth_l1_loss(q, target)
@@ -114,10 +120,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         ours = eecnn_training(args.classifier_ckpt, args.data, workdir)
-    agent = ours.pop("agent")
-    data = agent.data
-    data.setup("fit")
-    seed = seed_style_training(agent, *data.datasets["val"].tensors, episodes=args.seed_episodes)
+    agent, cache = ours.pop("agent"), ours.pop("cache")
+    cache.images.setup("fit")
+    seed = seed_style_training(agent, cache, episodes=args.seed_episodes)
     seed_total = ours["episodes"] / seed["episodes_per_s"]
     figures = {
         "eecnn": ours,

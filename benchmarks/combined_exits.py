@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from early_exit.cache import checkpoint_exits
+from early_exit.cache import ExitCache
 from early_exit.errors import InputError
-from early_exit.evaluation import ExitOutputs, max_softmax_rules, path_flops
+from early_exit.evaluation import ExitOutputs, max_softmax_rules
 from early_exit.files import write_json
 
 
@@ -57,10 +57,11 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     try:
-        classifier, outputs = checkpoint_exits(args.checkpoint, args.data, args.cache_dir)
+        cache = ExitCache(args.checkpoint, data_dir=args.data, cache_dir=args.cache_dir)
+        cache.setup("test")
     except (InputError, ValueError) as err:
         sys.exit(f"combined_exits: error: {err}")
-    costs, full_flops = path_flops(classifier.model), float(classifier.model.exit_flops[-1])
+    outputs, costs, full_flops = cache.outputs, cache.costs, cache.full_flops
     print("| exits | test accuracy per exit (%) | " + " | ".join(f"max-softmax, ≥ {s:g} % saved" for s in args.saved)
           + " |\n|---|---|" + "---:|" * len(args.saved))
     rows = []

@@ -16,18 +16,18 @@ from pathlib import Path
 
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from early_exit.cache import checkpoint_exits
+from early_exit.cache import ExitCache
 from early_exit.curves import time_to_accuracy
 from early_exit.errors import InputError
-from early_exit.evaluation import max_softmax_rules, path_flops
+from early_exit.evaluation import max_softmax_rules
 from early_exit.files import write_json
 
 
 def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> dict:
-    classifier, outputs = checkpoint_exits(run / "checkpoints" / "last.ckpt", data_dir, cache_dir)
-    val, test = outputs["val"], outputs["test"]
-    model = classifier.model
-    [threshold] = max_softmax_rules(val, test, path_flops(model), float(model.exit_flops[-1]), (saved,))
+    cache = ExitCache(str(run / "checkpoints" / "last.ckpt"), data_dir=data_dir, cache_dir=cache_dir)
+    cache.setup("test")
+    val, test = cache.outputs["val"], cache.outputs["test"]
+    [threshold] = max_softmax_rules(val, test, cache.costs, cache.full_flops, (saved,))
     timing, classes = time_to_accuracy(run), test.logits.shape[-1]
     return {
         "run": run.name,

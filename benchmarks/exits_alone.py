@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from early_exit.cache import checkpoint_exits
+from early_exit.cache import ExitCache
 from early_exit.errors import InputError
-from early_exit.evaluation import ExitOutputs, max_softmax_rules, path_flops
+from early_exit.evaluation import ExitOutputs, max_softmax_rules
 from early_exit.files import write_json
 
 
@@ -41,12 +41,18 @@ def splice(shared: dict[str, ExitOutputs], alone: dict[int, dict[str, ExitOutput
     return spliced
 
 
+def cached(checkpoint: str, data_dir: str | None, cache_dir: str) -> ExitCache:
+    cache = ExitCache(str(checkpoint), data_dir=data_dir, cache_dir=cache_dir)
+    cache.setup("test")
+    return cache
+
+
 def measure(shared_ckpt: str, alone_ckpts: list[str], data_dir: str | None, saved: tuple[float, ...],
             cache_dir: str) -> dict:
-    classifier, shared = checkpoint_exits(shared_ckpt, data_dir, cache_dir)
-    alone, exits = {}, []
+    cache = cached(shared_ckpt, data_dir, cache_dir)
+    shared, alone, exits = cache.outputs, {}, []
     for path in alone_ckpts:
-        _, outputs = checkpoint_exits(path, data_dir, cache_dir)
+        outputs = cached(path, data_dir, cache_dir).outputs
         k = outputs["test"].num_exits - 1
         if k >= shared["test"].num_exits or k in alone:
             raise InputError(f"{path} has {k + 1} exits: give one checkpoint per exit of the shared classifier's "
@@ -59,7 +65,7 @@ def measure(shared_ckpt: str, alone_ckpts: list[str], data_dir: str | None, save
                       "alone": accuracy(outputs["test"], -1)})
     variants = {"shared": shared} | {f"exit {k + 1}": splice(shared, {k: alone[k]}) for k in alone}
     variants["all"] = splice(shared, alone)
-    costs, full_flops = path_flops(classifier.model), float(classifier.model.exit_flops[-1])
+    costs, full_flops = cache.costs, cache.full_flops
     rules = {name: dict(zip(map(str, saved), max_softmax_rules(o["val"], o["test"], costs, full_flops, saved)))
              for name, o in variants.items()}
     return {"exits": exits, "thresholds": rules}

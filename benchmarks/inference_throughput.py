@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def seed_style(predictor: EarlyExitPredictor):
     """One image: every exit's logits, then the policy picks the exit (nothing is saved by exiting)."""
-    model, agent = predictor.engine.model, predictor.agent
+    model, agent = predictor.engine.model, predictor.policy
 
     @torch.inference_mode()
     def run(image: torch.Tensor) -> torch.Tensor:

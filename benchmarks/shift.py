@@ -24,8 +24,8 @@ from torch import Tensor
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.functional import gaussian_blur
 
-from early_exit.cache import exit_cache, run_exits
-from early_exit.data import CIFAR10DataModule
+from early_exit.cache import ExitCache, run_exits
+from early_exit.checkpoint import data_args, read_checkpoint
 from early_exit.errors import InputError
 from early_exit.evaluation import (
     ExitOutputs,
@@ -107,19 +107,18 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     try:
-        predictor = EarlyExitPredictor.from_checkpoint(args.agent)
-        agent, classifier = predictor.agent, predictor.classifier
-        data = CIFAR10DataModule(**(dict(agent.data.hparams) | ({"data_dir": args.data} if args.data else {})))
-        clean = exit_cache(classifier, agent.hparams.classifier_ckpt, data, args.cache_dir, ("val", "test"))
+        agent = EarlyExitPredictor.from_checkpoint(args.agent).policy
+        given = {"cache_dir": args.cache_dir} | ({"data_dir": args.data} if args.data else {})
+        cache = ExitCache(**data_args(read_checkpoint(args.agent), args.agent) | given)
+        cache.setup("test")
+        clean = cache.outputs
         if args.target is not None:
             agent.hparams.target_flops_saved = args.target
         agent_weight = agent.operating_weight()
     except (InputError, ValueError) as err:
         sys.exit(f"shift: error: {err}")
-    data.prepare_data()
-    data.setup("test")
-    images, labels = data.datasets["test"].tensors
-    costs, full_flops = predictor.engine.costs, predictor.engine.full_flops
+    images, labels = cache.images.datasets["test"].tensors
+    costs, full_flops = cache.costs, cache.full_flops
     val_saved = evaluate_exits(agent.greedy_exits(clean["val"], agent_weight), clean["val"], costs,
                                full_flops)["flops_saved_pct"]
     thresholds = tune_thresholds(confidence_scores(clean["val"].logits, "max_softmax"), clean["val"], costs,
@@ -145,7 +144,7 @@ def main() -> None:
 
     for kind, severity, outputs in copies:
         if outputs is None:
-            outputs = run_exits(classifier, corrupt(images, kind, severity), labels)
+            outputs = run_exits(cache.classifier, corrupt(images, kind, severity), labels)
         results = {name: measure(policy(outputs), outputs, costs, full_flops) for name, policy in policies.items()}
         rows.append({"corruption": kind, "severity": severity, "policies": results})
         print_row(kind, str(severity or ""), results)

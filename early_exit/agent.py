@@ -1,7 +1,8 @@
 """The exit agent: a DQN that decides per image, exit by exit, whether to stop or to continue.
 
-It never runs the CNN while training: episodes replay the frozen classifier's cached exit outputs
-(``early_exit.cache``), thousands at a time as tensor operations.
+It never runs the CNN: episodes replay a frozen classifier's cached exit outputs, thousands at a time as
+tensor operations. Its data module (``early_exit.cache.ExitCache``) provides them; the early-exit engine
+runs the CNN with this agent as its policy (``early_exit.engine``).
 """
 
 import copy
@@ -10,23 +11,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from early_exit.cache import exit_cache, load_classifier
-from early_exit.classifier import EarlyExitClassifier
-from early_exit.data import CIFAR10DataModule
-from early_exit.engine import EarlyExitEngine
 from early_exit.errors import InputError
-from early_exit.evaluation import (
-    SAVINGS,
-    ExitOutputs,
-    evaluate_exits,
-    first_exit,
-    normalized_entropy,
-    operating_curve,
-    path_flops,
-)
-from early_exit.model import EarlyExitCNN
+from early_exit.evaluation import SAVINGS, ExitOutputs, evaluate_exits, first_exit, normalized_entropy, operating_curve
 
 CONTINUE, EXIT = 0, 1
 TARGET_TOLERANCE = 0.5  # points of FLOPs saved on validation a target may be missed by
@@ -83,6 +70,13 @@ def read_operating_weight(curve: Tensor, target: float, clamp: bool = False) -> 
                      f"{target:g} %: ask --model.target_flops_saved for one of those")
 
 
+def episode_returns(right: Tensor, exits: Tensor, step_costs: Tensor, compute_weight: float, reward_correct: float,
+                    reward_wrong: float) -> Tensor:
+    """Total reward of episodes ending at ``exits`` with answers ``right``: what ``ExitEnvironment`` pays them
+    over their steps, whose relative costs are ``step_costs``."""
+    return torch.where(right, reward_correct, reward_wrong) - compute_weight * step_costs.cumsum(0)[exits]
+
+
 class ExitEnvironment:
     """``num_envs`` exit episodes over cached exits, stepped at once.
 
@@ -115,10 +109,6 @@ class ExitEnvironment:
     def rewards(self, exits_now: Tensor) -> Tensor:
         right = self.correct[self.image, self.exit]
         return self.outcome(right) * exits_now - self.weight * self.step_costs[self.exit]
-
-    def returns(self, right: Tensor, exits: Tensor, compute_weight: float) -> Tensor:
-        """Total reward of episodes ending at ``exits`` with answers ``right``: the sum of their rewards."""
-        return self.outcome(right) - compute_weight * self.step_costs.cumsum(0)[exits]
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Apply ``actions``; return the transitions (state, action, reward, next state, done)."""
@@ -157,7 +147,7 @@ class ReplayBuffer:
 
 
 class ExitAgent(L.LightningModule):
-    """DQN exit policy for a trained ``EarlyExitClassifier`` checkpoint (frozen, never run while training).
+    """DQN exit policy for a frozen classifier, learning from and measured on its cached exit outputs.
 
     The reward for an image is ``reward_correct``/``reward_wrong`` at its exit minus a compute weight x
     the FLOPs spent on it as a fraction of the full network. The weight is an input of the Q-network:
@@ -169,27 +159,21 @@ class ExitAgent(L.LightningModule):
     A negative weight pays for continuing; the default range starts below 0 so the curve reaches small
     savings. ``class_aware`` adds the softmax vectors of the exits passed to the state (``exit_features``).
 
-    It learns only from images the classifier never trained on: ``val_views`` views (the images, then
-    random crops and flips) of the validation split. Checkpoints are selected by the mean validation
-    reward at ``curve_points`` weights, on the plain validation images, the ones the threshold
-    baselines are tuned on; the test split serves the report only. Those images come from ``data``, a
-    ``CIFAR10DataModule`` that `eecnn` sets from its ``data:`` section; left unset, it is built from the
-    settings the classifier was trained with.
+    Its data module (``trainer.datamodule``, an ``ExitCache``) sets the sizes of its states (``num_exits``,
+    ``num_classes``), the FLOPs of each exit (``costs``, ``full_flops``) and the exit outputs the
+    environment replays (``train_outputs``); its validation and test batches are whole cached splits.
+    Checkpoints are selected by the mean validation reward at ``curve_points`` weights, on the plain
+    validation images, the ones the threshold baselines are tuned on; the test split serves the report only.
     """
 
     def __init__(
         self,
-        classifier_ckpt: str,
         compute_weight: float = 0.5,
         compute_weight_range: tuple[float, float] | None = (-0.3, 1.0),
         target_flops_saved: float | None = None,
         reward_correct: float = 1.0,
         reward_wrong: float = -1.0,
-        num_exits: int = 4,
-        num_classes: int = 10,
         class_aware: bool = False,
-        val_views: int = 1,
-        cache_dir: str = "logs/exit_cache",
         hidden_size: int = 256,
         num_envs: int = 256,
         replay_size: int = 100_000,
@@ -201,7 +185,6 @@ class ExitAgent(L.LightningModule):
         epsilon_end: float = 0.02,
         epsilon_decay_steps: int = 2000,
         warmup_steps: int = 10,
-        steps_per_epoch: int = 500,
         grad_clip: float = 10.0,
         curve_points: int = 21,
     ) -> None:
@@ -210,60 +193,44 @@ class ExitAgent(L.LightningModule):
             raise InputError(f"--model.compute_weight_range needs low <= high, got {list(compute_weight_range)}")
         if target_flops_saved is not None and not 0 < target_flops_saved < 100:
             raise InputError(f"--model.target_flops_saved is a percentage between 0 and 100, got {target_flops_saved}")
-        if val_views < 1:
-            raise InputError(f"--model.val_views must be at least 1, got {val_views}")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        state_dim = NUM_CONFIDENCE_FEATURES + num_exits * (1 + num_classes * class_aware) + 1
-        self.q_net = nn.Sequential(nn.Linear(state_dim, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size),
-                                   nn.ReLU(), nn.Linear(hidden_size, 2))
-        self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
-        self.buffer = ReplayBuffer(replay_size, state_dim)
         self.register_buffer("curve", torch.full((len(SAVINGS), 3), float("nan")))  # measured at every validation
-        self.data: CIFAR10DataModule | None = None
-        self.outputs: dict[str, ExitOutputs] = {}
-        self.engine: EarlyExitEngine | None = None
+        self.sizes: dict[str, int] = {}  # num_exits and num_classes, once ``build`` has made the Q-network
         self.env_steps = self.episodes = 0
 
+    def build(self, num_exits: int, num_classes: int) -> None:
+        """Make the Q-network (and its target copy) for states of ``num_exits`` exits and ``num_classes``
+        classes; InputError if it was made for others (the agent of another classifier)."""
+        sizes = {"num_exits": num_exits, "num_classes": num_classes}
+        if self.sizes and self.sizes != sizes:
+            raise InputError(f"this agent decides for {self.sizes['num_exits']} exits and {self.sizes['num_classes']} "
+                             f"classes, the classifier has {num_exits} and {num_classes}: pass the classifier it was "
+                             "trained for as --data.classifier_ckpt")
+        if self.sizes:
+            return
+        self.sizes = sizes
+        state_dim = NUM_CONFIDENCE_FEATURES + num_exits * (1 + num_classes * self.hparams.class_aware) + 1
+        hidden = self.hparams.hidden_size
+        self.q_net = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, 2))
+        self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
+
     def setup(self, stage: str) -> None:
-        needs_engine, needs_outputs = stage in ("test", "predict"), stage != "predict"  # predict runs no cache
-        if (needs_engine and self.engine is None) or (needs_outputs and not self.outputs):
-            classifier = self.load_frozen_classifier()
-            if needs_outputs and not self.outputs:
-                views = ("val_views",) if self.hparams.val_views > 1 else ()  # one view: the images themselves
-                splits = {"fit": (*views, "val"), "test": ("val", "test")}.get(stage, ("val",))
-                self.attach(exit_cache(classifier, self.hparams.classifier_ckpt, self.data, self.hparams.cache_dir,
-                                       splits, self.hparams.val_views), classifier.model)
-
-    def load_frozen_classifier(self) -> EarlyExitClassifier:
-        """The frozen classifier this agent decides for; sets its class names, its data if none was given and
-        the engine that runs the classifier's CNN with this agent as its policy."""
-        classifier, data, self.classes = load_classifier(self.hparams.classifier_ckpt)
-        known = {"num_exits": classifier.model.num_exits, "num_classes": classifier.hparams.num_classes}
-        for name, theirs in known.items():
-            if theirs != (ours := self.hparams[name]):
-                raise InputError(f"{self.hparams.classifier_ckpt} has {theirs} {name[4:]} but the agent is built for "
-                                 f"{ours}: set --model.{name} {theirs} or pass a matching classifier")
-        if self.data is None:
-            self.data = CIFAR10DataModule(**data)
-        self.engine = EarlyExitEngine(classifier.model, self)  # a plain object: the CNN stays out of our checkpoints
-        return classifier
-
-    def attach(self, outputs: dict[str, ExitOutputs], model: EarlyExitCNN) -> None:
-        """Train on the "val_views" split (or "val" without one) and evaluate on these cached exit outputs of
-        ``model`` (whose FLOPs set the costs)."""
-        self.outputs = outputs
-        self.costs = path_flops(model)  # per image, answering at exit k through the engine
-        self.full_flops = float(model.exit_flops[-1])
-        step_costs = self.costs.diff(prepend=self.costs.new_zeros(1)) / self.full_flops
-        source = outputs.get("val_views", outputs.get("val", next(iter(outputs.values()))))
-        self.env = ExitEnvironment(self.features(source.logits), source.correct(),
-                                   step_costs, self.weight_range(), self.hparams.reward_correct,
-                                   self.hparams.reward_wrong, self.hparams.num_envs)
+        data = self.trainer.datamodule
+        self.build(data.num_exits, data.num_classes)
+        self.costs, self.full_flops = data.costs, data.full_flops
+        self.step_costs = (self.costs.diff(prepend=self.costs.new_zeros(1)) / self.full_flops).float()
+        if stage == "fit":
+            source = data.train_outputs
+            self.env = ExitEnvironment(self.features(source.logits), source.correct(), self.step_costs,
+                                       self.weight_range(), self.hparams.reward_correct, self.hparams.reward_wrong,
+                                       self.hparams.num_envs)
+            self.buffer = ReplayBuffer(self.hparams.replay_size, self.q_net[0].in_features)
 
     def features(self, logits: Tensor) -> Tensor:
         """``exit_features`` of (N, k, classes) exit logits as this agent's Q-network reads them."""
-        return exit_features(logits, self.hparams.num_exits, self.hparams.class_aware)
+        return exit_features(logits, self.sizes["num_exits"], self.hparams.class_aware)
 
     def weight_range(self) -> tuple[float, float]:
         h = self.hparams
@@ -290,12 +257,6 @@ class ExitAgent(L.LightningModule):
             low, high = torch.where(stops, low, middle), torch.where(stops, middle, high)
         switch = torch.where(stops_low, low, torch.where(stops_high, high, torch.inf))
         return switch.cummin(dim=1).values.cpu()
-
-    def on_test_start(self) -> None:
-        self.engine.to(self.device)
-
-    def on_predict_start(self) -> None:
-        self.engine.to(self.device)
 
     def epsilon(self) -> float:
         h = self.hparams
@@ -324,7 +285,7 @@ class ExitAgent(L.LightningModule):
         """(N,) 0-based exit the greedy policy takes on cached exit outputs: one pass over every exit."""
         return first_exit(self.stops(outputs.logits, compute_weight)).cpu()
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+    def training_step(self, batch: int, batch_idx: int) -> None:
         h = self.hparams
         with torch.no_grad():
             actions = self.q_net(self.env.state().to(self.device)).argmax(-1).cpu()
@@ -341,7 +302,7 @@ class ExitAgent(L.LightningModule):
         s, a, r, s2, done = (t.to(self.device) for t in self.buffer.sample(h.replay_batch_size))
         q = self.q_net(s).gather(1, a[:, None]).squeeze(1)
         with torch.no_grad():  # double DQN: the online network picks the next action, the target network values it
-            next_is_last = s2[:, NUM_CONFIDENCE_FEATURES + h.num_exits - 1] == 1  # where exiting is the only action
+            next_is_last = s2[:, NUM_CONFIDENCE_FEATURES + self.env.last_exit] == 1  # where exiting is the only action
             best = torch.where(next_is_last, EXIT, self.q_net(s2).argmax(-1))
             value = self.target_net(s2).gather(1, best[:, None]).squeeze(1)
             target = r + h.gamma * value * (~done)
@@ -356,60 +317,50 @@ class ExitAgent(L.LightningModule):
             self.target_net.load_state_dict(self.q_net.state_dict())
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
 
-    def policy_metrics(self, split: str, compute_weight: float) -> dict[str, float]:
+    def policy_metrics(self, outputs: ExitOutputs, compute_weight: float) -> dict[str, float]:
         """Accuracy, FLOPs saved, mean reward and exit shares of the greedy policy at ``compute_weight``."""
-        outputs = self.outputs[split]
         exits = self.greedy_exits(outputs, compute_weight)
         result = evaluate_exits(exits, outputs, self.costs, self.full_flops)
         right = outputs.correct().gather(1, exits[:, None]).squeeze(1)
+        returns = episode_returns(right, exits, self.step_costs, compute_weight, self.hparams.reward_correct,
+                                  self.hparams.reward_wrong)
         metrics = {"acc": result["accuracy"] / 100, "flops_saved_pct": result["flops_saved_pct"],
-                   "reward": self.env.returns(right, exits, compute_weight).mean().item()}
+                   "reward": returns.mean().item()}
         return metrics | {f"exit{k}_share": p for k, p in enumerate(result["exit_distribution"], start=1)}
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """The exact curve a FLOPs target is read from, and ``val/reward``, what checkpoints are selected by:
         the mean reward at ``curve_points`` weights evenly spread over the training range."""
-        val = self.outputs["val"]
+        val = ExitOutputs(*(t.cpu() for t in batch))
         switch = self.switch_weights(val.logits)
         self.curve.copy_(operating_curve(switch, val.correct(), self.costs, self.full_flops, self.weight_range()[0]))
-        metrics = {f"val/{k}": v for k, v in self.policy_metrics("val", self.operating_weight(clamp=True)).items()}
+        metrics = {f"val/{k}": v for k, v in self.policy_metrics(val, self.operating_weight(clamp=True)).items()}
         weights = torch.linspace(*self.weight_range(), self.hparams.curve_points).tolist()
-        metrics["val/reward"] = sum(self.policy_metrics("val", w)["reward"] for w in weights) / len(weights)
+        metrics["val/reward"] = sum(self.policy_metrics(val, w)["reward"] for w in weights) / len(weights)
         self.log_dict(metrics, batch_size=1)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """The greedy policy on the cached test split; ``report.EarlyExitReport`` runs it through the engine."""
+        metrics = self.policy_metrics(ExitOutputs(*(t.cpu() for t in batch)), self.operating_weight())
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["exit_sizes"] = self.sizes  # what the Q-network is built for, before its weights load
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint)
+        self.build(**checkpoint["exit_sizes"])
 
     @staticmethod
     def check_checkpoint(checkpoint: dict, target_flops_saved: float | None = None) -> None:
-        """Refuse, in one line, an agent checkpoint this version cannot read a FLOPs target from, or a
-        ``target_flops_saved`` its validation curve does not reach: before any image is read."""
+        """Refuse, in one line, an agent checkpoint this version cannot load, or a ``target_flops_saved`` its
+        validation curve does not reach: before any image is read."""
         curve = checkpoint["state_dict"]["curve"]
-        if len(curve) != len(SAVINGS):
-            raise InputError("this agent checkpoint was written by an older eecnn, whose validation curve a FLOPs "
-                             "target cannot be read from exactly: retrain it with `eecnn fit --config "
-                             "configs/agent.yaml`")
+        if len(curve) != len(SAVINGS) or "exit_sizes" not in checkpoint:
+            raise InputError("this agent checkpoint was written by an older eecnn, which this one cannot load: "
+                             "retrain it with `eecnn fit --config configs/agent.yaml`")
         if target_flops_saved is not None:
             read_operating_weight(curve, target_flops_saved)
-
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        """The greedy policy on the cached test split; ``report.EarlyExitReport`` runs it through the engine."""
-        metrics = self.policy_metrics("test", self.operating_weight())
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, batch_size=1)
-
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Normalised images (and their indices) through the early-exit engine."""
-        images, index = batch
-        return {"index": index, **vars(self.engine(images))}
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(range(self.hparams.steps_per_epoch), batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(range(1), batch_size=None)  # one step evaluates the whole cached split
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(range(1), batch_size=None)
 
     def configure_optimizers(self) -> dict:
         """Adam, its learning rate decaying linearly to zero over the run (constant if it has no end)."""

@@ -38,35 +38,37 @@ def init_args(hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """The model's saved hyper-parameters, with a recorded ``classifier_ckpt`` that is not where it was
-    looked for at training time taken from beside ``path``, the checkpoint itself: a shipped agent and
-    its classifier move together. An agent from before the compute weight became a Q-network input
-    (its network reads a smaller state) is an InputError that says to retrain it."""
+    """The model's saved hyper-parameters. An exit agent from an earlier eecnn (whose Q-network reads another
+    state, or which loaded its own classifier and data) is an InputError that says to retrain it."""
     args = init_args(checkpoint["hyper_parameters"])
-    if checkpoint["hyper_parameters"]["_class_path"].endswith(".ExitAgent") and "compute_weight_range" not in args:
-        raise InputError(f"{path} is an exit agent from an earlier eecnn, whose Q-network reads a smaller state: "
-                         "retrain it with `eecnn fit --config configs/agent.yaml --model.classifier_ckpt ...`")
-    recorded = args.get("classifier_ckpt")
-    if recorded and not Path(recorded).exists() and (Path(path).parent / Path(recorded).name).is_file():
-        args["classifier_ckpt"] = str(Path(path).parent / Path(recorded).name)
+    if checkpoint["hyper_parameters"]["_class_path"].endswith(".ExitAgent") and (
+            "compute_weight_range" not in args or "classifier_ckpt" in args):
+        raise InputError(f"{path} is an exit agent from an earlier eecnn, which this one cannot load: retrain it "
+                         "with `eecnn fit --config configs/agent.yaml --data.classifier_ckpt ...`")
     return args
 
 
 MACHINE_KEYS = ("data_dir", "download")  # where the data was on the machine that trained, and how it got there
 
 
-def data_args(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The datamodule settings a checkpoint recorded, less a data path that does not exist here (a checkpoint
-    from another machine, or a relative path read from another folder): the DataModule's default then reads
-    torchvision's CIFAR-10, downloading it if needed, unless ``--data.data_dir`` says otherwise."""
+def data_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The datamodule settings a checkpoint (at ``path``) recorded, less a data path that does not exist here (a
+    checkpoint from another machine, or a relative path read from another folder): the DataModule's default
+    then reads torchvision's CIFAR-10, downloading it if needed, unless ``--data.data_dir`` says otherwise. A
+    recorded ``classifier_ckpt`` that is not where it was at training time is taken from beside ``path``: a
+    shipped agent and its classifier move together."""
     args = init_args(checkpoint.get("datamodule_hyper_parameters") or {})
-    if "data_dir" in args and not Path(args["data_dir"]).expanduser().exists():
+    if args.get("data_dir") is not None and not Path(args["data_dir"]).expanduser().exists():
         for key in MACHINE_KEYS:
             args.pop(key, None)
+    recorded = args.get("classifier_ckpt")
+    if recorded and not Path(recorded).exists() and (Path(path).parent / Path(recorded).name).is_file():
+        args["classifier_ckpt"] = str(Path(path).parent / Path(recorded).name)
     return args
 
 
-SHIPPED_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "pytorch-lightning_version")
+SHIPPED_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "pytorch-lightning_version",
+                "exit_sizes")  # an exit agent's: what its Q-network is built for
 
 
 def export_checkpoint(source: str | Path, target: str | Path, half: bool = False) -> Path:

@@ -24,7 +24,7 @@ from early_exit.checkpoint import data_args, model_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10DataModule, ImageFilesDataModule
 from early_exit.errors import InputError
-from early_exit.inference import PredictionTable
+from early_exit.inference import EarlyExitPredictor, PredictionTable
 from early_exit.report import EarlyExitReport
 
 
@@ -45,7 +45,7 @@ stops each image at the first exit it trusts. The shipped pair, from the reposit
   eecnn test --ckpt_path results/agent.ckpt                 accuracy, FLOPs saved, exits, plots: logs/eecnn/
   eecnn predict --ckpt_path results/agent.ckpt photo.png    class, confidence and exit of image files
   eecnn fit --config configs/cifar10.yaml                   train a classifier
-  eecnn fit --config configs/agent.yaml --model.classifier_ckpt CKPT    train an exit agent for it
+  eecnn fit --config configs/agent.yaml --data.classifier_ckpt CKPT     train an exit agent for it
 
 CIFAR-10 is downloaded into data/; --data.data_dir reads an image-folder copy (or its .tar.gz) instead.
 "COMMAND --help" lists a command's settings."""
@@ -144,11 +144,10 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__name__}"
 
 
-def set_data_defaults(parser: LightningArgumentParser, checkpoint: dict[str, Any]) -> None:
-    """The ``data:`` section's defaults: the settings ``checkpoint`` recorded, less a path not found here."""
-    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
-    parser.set_defaults({"data": {"class_path": recorded.get("_class_path", _class_path(CIFAR10DataModule)),
-                                  "init_args": data_args(checkpoint)}})
+# Settings of earlier releases, and where they are now.
+MOVED = {"--model.data_dir": "--data.data_dir", "--model.classifier_ckpt": "--data.classifier_ckpt",
+         "--model.val_views": "--data.val_views", "--model.cache_dir": "--data.cache_dir",
+         "--model.steps_per_epoch": "--trainer.limit_train_batches"}
 
 
 class EarlyExitCLI(LightningCLI):
@@ -207,11 +206,8 @@ class EarlyExitCLI(LightningCLI):
             raise InputError(trainer_error(str(err))) from None
         except ValueError as err:  # a model or datamodule refusing its arguments, wrapped by jsonargparse
             raise InputError(err if isinstance(err, InputError) else one_line(str(err))) from None
-        if isinstance(self.model, ExitAgent):
-            # The agent reads the images once, into its exit cache; its steps come from its own loaders.
-            self.model.data, self.datamodule = self.datamodule, None
-            if self.subcommand == "test":
-                self.trainer.callbacks.append(EarlyExitReport())
+        if isinstance(self.model, ExitAgent) and self.subcommand == "test":
+            self.trainer.callbacks.append(EarlyExitReport())
         if self.subcommand == "predict":
             self._predict_files()
 
@@ -229,6 +225,9 @@ class EarlyExitCLI(LightningCLI):
         self.trainer.callbacks = [StderrProgressBar(c.refresh_rate, c.process_position)
                                   if type(c) is TQDMProgressBar else c for c in self.trainer.callbacks]
         self.trainer.callbacks.append(PredictionTable(config.output))
+        cache = self.datamodule  # the agent's classifier, whose CNN the engine runs with the agent as its policy
+        self.model.build(cache.num_exits, cache.num_classes)
+        self.model = EarlyExitPredictor(cache.classifier, self.model, cache.classes)
         self.datamodule = ImageFilesDataModule(config.inputs)
 
     def after_predict(self) -> None:
@@ -238,9 +237,9 @@ class EarlyExitCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         argv = list(sys.argv[1:] if args is None else args)
         subcommand = argv[0] if argv and argv[0] in self.subcommands() else None
-        if (data_dir := _option(argv, "--model.data_dir")) is not None:  # the exit agent's flag until the data: section
-            raise InputError(f"--model.data_dir is not a setting: every model reads its images through the data: "
-                             f"section, pass --data.data_dir {data_dir}")
+        for old, new in MOVED.items():
+            if (value := _option(argv, old)) is not None:
+                raise InputError(f"{old} is not a setting: pass {new} {value}")
         ckpt_path = _option(argv, "--ckpt_path")
         if subcommand and ckpt_path in ("best", "hpc", "registry"):
             raise InputError(f"--ckpt_path {ckpt_path} only means something to a Trainer that already ran in this "
@@ -258,23 +257,26 @@ class EarlyExitCLI(LightningCLI):
             if "target_flops_saved" in init and _option(argv, "--model.compute_weight") is not None \
                     and _option(argv, "--model.target_flops_saved") is None:
                 init["target_flops_saved"] = None  # a weight given now is the operating point, not the recorded target
-            defaults.set_defaults({"model": {"class_path": checkpoint["hyper_parameters"]["_class_path"],
-                                             "init_args": init}})
-            set_data_defaults(defaults, checkpoint)
+            recorded = checkpoint.get("datamodule_hyper_parameters") or {}
+            defaults.set_defaults({
+                "model": {"class_path": checkpoint["hyper_parameters"]["_class_path"], "init_args": init},
+                "data": {"class_path": recorded.get("_class_path", _class_path(CIFAR10DataModule)),
+                         "init_args": data_args(checkpoint, ckpt_path)}})
         # parse_args, not super(): Lightning warns of args given beside sys.argv, which a resume rewrites
         self.config = parser.parse_args(args)
-        model = (self.config[subcommand] if subcommand else self.config).model
-        if model.class_path.rsplit(".", 1)[-1] == ExitAgent.__name__:  # its data defaults to its classifier's
-            if ckpt_path and subcommand in ("test", "predict"):  # now, not after its exit cache is built
-                ExitAgent.check_checkpoint(checkpoint, model.init_args.target_flops_saved)
-            classifier = read_checkpoint(model.init_args.classifier_ckpt, option="--model.classifier_ckpt")
-            set_data_defaults(defaults, classifier)
+        data = (self.config[subcommand] if subcommand else self.config).data
+        if data.class_path != defaults.get_defaults().data.class_path:
+            # jsonargparse gives another data class the default class's settings of the same names (data_dir...)
+            defaults.set_defaults({"data": {"class_path": data.class_path}})
             self.config = parser.parse_args(args)
+        model = (self.config[subcommand] if subcommand else self.config).model
+        if subcommand in ("test", "predict") and ckpt_path and model.class_path.endswith(ExitAgent.__name__):
+            ExitAgent.check_checkpoint(checkpoint, model.init_args.target_flops_saved)  # before the cache is built
 
     # Private: no public hook stops LightningCLI from re-applying a checkpoint's hyper-parameters over the flags.
     def _parse_ckpt_path(self) -> None:
         """Lightning would re-apply the checkpoint's hyper-parameters over the parsed config, silently undoing
-        flags such as ``--model.classifier_ckpt``; ``parse_arguments`` already made them overridable defaults."""
+        flags such as ``--data.classifier_ckpt``; ``parse_arguments`` already made them overridable defaults."""
 
 
 def main(args: list[str] | None = None) -> None:

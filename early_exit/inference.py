@@ -20,10 +20,11 @@ from PIL import Image
 from torch import Tensor
 
 from early_exit.agent import ExitAgent
-from early_exit.cache import run_exits
-from early_exit.checkpoint import model_args, read_checkpoint
+from early_exit.cache import load_classifier, run_exits
+from early_exit.checkpoint import data_args, model_args, read_checkpoint
+from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import IMAGE_SIZE, normalize, read_image_files, rgb_array
-from early_exit.engine import EarlyExitResult
+from early_exit.engine import EarlyExitEngine, EarlyExitResult
 from early_exit.errors import InputError
 from early_exit.evaluation import baselines
 from early_exit.files import write_text
@@ -104,7 +105,7 @@ class PredictionTable(BasePredictionWriter):
         self.output = check_output_path(output) if output else None
         self.rows: list[dict] = []
 
-    def write_on_epoch_end(self, trainer: L.Trainer, module: ExitAgent, predictions: list[dict],
+    def write_on_epoch_end(self, trainer: L.Trainer, module: "EarlyExitPredictor", predictions: list[dict],
                            batch_indices: list) -> None:
         if not predictions:
             return
@@ -115,19 +116,23 @@ class PredictionTable(BasePredictionWriter):
             write_predictions(self.rows, self.output)
             print(f"wrote {len(self.rows)} predictions to {self.output}", file=sys.stderr)
 
-    def on_predict_end(self, trainer: L.Trainer, module: ExitAgent) -> None:
+    def on_predict_end(self, trainer: L.Trainer, module: "EarlyExitPredictor") -> None:
         if self.rows:
             print(format_table(self.rows))
             print(folder_summary(self.rows, module.classes))
 
 
-class EarlyExitPredictor:
-    """A trained classifier and its exit agent, ready to predict images and evaluate data through the engine."""
+class EarlyExitPredictor(L.LightningModule):
+    """A classifier's CNN and an exit policy, composed into the early-exit engine: predicts images and evaluates
+    data from Python, and is the module `eecnn predict` runs (its ``predict_step`` takes normalised images
+    and their indices). Loading an agent checkpoint into it (``--ckpt_path``) loads the policy; the CNN keeps
+    its weights. ``evaluate`` computes every exit's outputs with the ``classifier``, as the exit cache does."""
 
-    def __init__(self, agent: ExitAgent, batch_size: int = 256) -> None:
-        self.agent, self.batch_size = agent, batch_size
-        self.classifier = agent.load_frozen_classifier()
-        self.engine, self.classes = agent.engine, agent.classes
+    def __init__(self, classifier: EarlyExitClassifier, policy: ExitAgent, classes: list[str],
+                 batch_size: int = 256) -> None:
+        super().__init__()
+        self.classifier, self.policy, self.classes, self.batch_size = classifier, policy, classes, batch_size
+        self.engine = EarlyExitEngine(classifier.model, policy)  # a plain object: its folded CNN copy is not saved
 
     @classmethod
     def from_checkpoint(cls, agent_ckpt: str | Path, classifier_ckpt: str | Path | None = None,
@@ -135,14 +140,28 @@ class EarlyExitPredictor:
         """Load an agent and the classifier it was trained for: ``classifier_ckpt``, else the path the agent
         recorded, else the file of that name beside the agent."""
         checkpoint = read_checkpoint(agent_ckpt)
-        args = model_args(checkpoint, agent_ckpt)
-        agent = ExitAgent(**args | {"classifier_ckpt": str(classifier_ckpt or args["classifier_ckpt"])})
+        agent = ExitAgent(**model_args(checkpoint, agent_ckpt))
         agent.on_load_checkpoint(checkpoint)
         agent.load_state_dict(checkpoint["state_dict"])
-        predictor = cls(agent.to(device).eval(), batch_size)
-        predictor.classifier.to(device)
+        path = classifier_ckpt or data_args(checkpoint, agent_ckpt)["classifier_ckpt"]
+        classifier, _, classes = load_classifier(path, option="classifier_ckpt")
+        agent.build(classifier.model.num_exits, classifier.hparams.num_classes)
+        predictor = cls(classifier, agent, classes, batch_size).to(device).eval()
         predictor.engine.to(device)
         return predictor
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """An agent's checkpoint holds the policy's weights; the CNN's are its classifier's, already loaded."""
+        self.policy.on_load_checkpoint(checkpoint)
+        own = {f"classifier.{name}": value for name, value in self.classifier.state_dict().items()}
+        checkpoint["state_dict"] = own | {f"policy.{name}": value for name, value in checkpoint["state_dict"].items()}
+
+    def on_predict_start(self) -> None:
+        self.engine.to(self.device)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        images, index = batch
+        return {"index": index, **vars(self.engine(images))}
 
     def as_batch(self, images) -> tuple[Tensor, list[Path] | None]:
         """uint8 or [0, 1] float (N, 3, 32, 32) images from a tensor, a PIL image, a path, or a list of them."""

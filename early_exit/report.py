@@ -111,22 +111,24 @@ class EarlyExitReport(Callback):
     """``eecnn test`` of an exit policy: the test split through the early-exit engine, then report.json, plots,
     TensorBoard scalars and figures in the run's folder, and a printed summary (on the main process only).
 
-    Reads from the tested module: ``engine`` (the CNN with the module as its policy), ``outputs`` (the
-    cached all-exit outputs of "val" and "test"), ``data`` (the DataModule of those images), ``classes``
-    and ``hparams.classifier_ckpt``, whose training curves are plotted if they are found
+    The engine runs the classifier's CNN with the tested module as its policy. The rest comes from the data
+    module, an ``ExitCache``: the CNN, the cached all-exit outputs of "val" and "test", the images, the class
+    names and ``hparams.classifier_ckpt``, whose training curves are plotted if they are found
     (``early_exit.curves.training_curves``).
     """
 
     def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        module.data.prepare_data()
-        module.data.setup("test")
-        images, _ = module.data.datasets["test"].tensors
-        test = module.outputs["test"]
-        report = policy_report(module.engine, images, module.outputs["val"], test, module.classes,
-                               module.data.hparams.batch_size)
-        figures = report_figures(report, test, training_curves(module.hparams.classifier_ckpt))
+        cache = trainer.datamodule
+        cache.images.prepare_data()
+        cache.images.setup("test")
+        images, _ = cache.images.datasets["test"].tensors
+        test = cache.outputs["test"]
+        engine = EarlyExitEngine(cache.model, module).to(module.device)
+        report = policy_report(engine, images, cache.outputs["val"], test, cache.classes,
+                               cache.images.hparams.batch_size)
+        figures = report_figures(report, test, training_curves(cache.hparams.classifier_ckpt))
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"report/{k}": v for k, v in flatten(report).items()}, step=trainer.global_step)
             if isinstance(trainer.logger, TensorBoardLogger):

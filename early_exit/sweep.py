@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from early_exit.agent import ExitAgent
+from early_exit.cache import ExitCache
 from early_exit.cli import EarlyExitCLI
 from early_exit.errors import InputError
 from early_exit.evaluation import baselines, evaluate_exits
@@ -32,30 +33,29 @@ AGENT_CONFIG = Path(str(files("early_exit.configs") / "agent.yaml"))  # configs/
 GRID = tuple(float(t) for t in range(10, 72, 2))  # threshold tunings that draw the baseline curves
 
 
-def train_agent(classifier_ckpt: str, name: str, config: Path, extra: list[str]) -> tuple[dict, ExitAgent]:
+def train_agent(classifier_ckpt: str, name: str, config: Path, extra: list[str]) -> tuple[dict, ExitAgent, ExitCache]:
     """Train one agent through the CLI, logging under ``logs/<name>`` (``extra`` flags last); return how it
-    went and its best checkpoint, loaded, with the cached validation and test exit outputs attached."""
-    cli = EarlyExitCLI(args=["--config", str(config), "--model.classifier_ckpt", classifier_ckpt,
+    went, its best checkpoint, loaded, and its exit cache with the validation and test splits read."""
+    cli = EarlyExitCLI(args=["--config", str(config), "--data.classifier_ckpt", classifier_ckpt,
                              "--trainer.logger.name", name, *extra], run=False)
     start = time.perf_counter()
-    cli.trainer.fit(cli.model)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
     callback = cli.trainer.checkpoint_callback
     agent = ExitAgent.load_from_checkpoint(callback.best_model_path, map_location="cpu")
-    agent.data = cli.model.data  # the images the --data flags name
-    agent.setup("test")  # reads the exit cache: no CNN runs
+    cli.datamodule.setup("test")  # reads the exit cache: no CNN runs
     run = {"name": name, "checkpoint": callback.best_model_path, "val_reward": float(callback.best_model_score),
            "train_seconds": seconds, "env_steps_per_s": cli.model.env_steps * agent.hparams.num_envs / seconds,
            "updates_per_s": cli.trainer.global_step / seconds}
-    return run, agent
+    return run, agent, cli.datamodule
 
 
-def measure(agent: ExitAgent, name: str) -> dict:
+def measure(agent: ExitAgent, cache: ExitCache, name: str) -> dict:
     """The agent's greedy policy at its operating weight (for a target it never reaches, the weight that
     saves the most) on test, with the FLOPs it saves on validation."""
     weight = agent.operating_weight(clamp=True)
-    val, test = (evaluate_exits(agent.greedy_exits(agent.outputs[split], weight), agent.outputs[split], agent.costs,
-                                agent.full_flops) for split in ("val", "test"))
+    val, test = (evaluate_exits(agent.greedy_exits(cache.outputs[split], weight), cache.outputs[split], cache.costs,
+                                cache.full_flops) for split in ("val", "test"))
     return {"name": name, "compute_weight": weight, **test, "val_flops_saved_pct": val["flops_saved_pct"]}
 
 
@@ -121,22 +121,22 @@ def run(classifier_ckpt: str, seeds: list[int], targets: list[float], fixed_weig
         config: Path, extra: list[str]) -> dict:
     runs, rows = [], []
     for seed in seeds:
-        trained, agent = train_agent(classifier_ckpt, f"{output.name}/seed_{seed}", config,
-                                     ["--seed_everything", str(seed), *extra])
+        trained, agent, cache = train_agent(classifier_ckpt, f"{output.name}/seed_{seed}", config,
+                                            ["--seed_everything", str(seed), *extra])
         runs.append(trained | {"seed": seed})  # its logs: logs/<output folder name>/seed_<seed>
         for target in targets:
             agent.hparams.target_flops_saved = target
             name = f"agent seed {seed}, {target:g}% saved on val"
-            rows.append(measure(agent, name) | {"seed": seed, "target": target})
+            rows.append(measure(agent, cache, name) | {"seed": seed, "target": target})
     for weight in fixed_weights:
-        trained, fixed_agent = train_agent(classifier_ckpt, f"{output.name}/fixed_{weight:g}", config,
+        trained, fixed_agent, cache = train_agent(classifier_ckpt, f"{output.name}/fixed_{weight:g}", config,
                                            ["--model.compute_weight_range", "null", "--model.compute_weight",
                                             str(weight), "--model.target_flops_saved", "null", *extra])
         runs.append(trained | {"compute_weight": weight})
-        rows.append(measure(fixed_agent, f"agent trained at compute weight {weight:g} only") | {"fixed": True})
-    others = baselines(agent.outputs["val"], agent.outputs["test"], agent.costs, agent.full_flops,
-                       tuple(sorted(set(GRID) | set(targets))))
-    ceiling = baselines(agent.outputs["test"], agent.outputs["test"], agent.costs, agent.full_flops, GRID)
+        rows.append(measure(fixed_agent, cache, f"agent trained at compute weight {weight:g} only") | {"fixed": True})
+    val, test = cache.outputs["val"], cache.outputs["test"]
+    others = baselines(val, test, cache.costs, cache.full_flops, tuple(sorted(set(GRID) | set(targets))))
+    ceiling = baselines(test, test, cache.costs, cache.full_flops, GRID)
     summary = summarise(rows, others, ceiling, targets)
     output.mkdir(parents=True, exist_ok=True)
     result = {"summary": summary, "runs": runs, "rows": rows + others, "tuned_on_test": ceiling}

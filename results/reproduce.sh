@@ -81,7 +81,7 @@ cp "$RUN/config.yaml" results/classifier-config.yaml
 eecnn-sweep --classifier-ckpt results/classifier.ckpt --output results/agent/sweep-class-aware \
   -- --data.data_dir "$DATA" --model.class_aware true
 eecnn-sweep --classifier-ckpt results/classifier.ckpt --output results/agent/sweep-one-view \
-  -- --data.data_dir "$DATA" --model.val_views 1
+  -- --data.data_dir "$DATA" --data.val_views 1
 
 # 4. Ship the seed with the best validation reward (chosen on the validation split only), at the config's
 #    target_flops_saved; its best checkpoint is tested through the engine, in fp32 on any CPU.

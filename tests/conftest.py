@@ -66,8 +66,8 @@ def trained_agent(trained_run, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("agent")
     with contextlib.chdir(workdir):
         main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "agent.yaml"),
-              "--model.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"), "--model.num_exits", "2",
-              "--model.num_classes", "4", "--model.steps_per_epoch", "40", "--model.epsilon_decay_steps", "30",
+              "--data.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"),
+              "--trainer.limit_train_batches", "40", "--model.epsilon_decay_steps", "30",
               "--trainer.max_epochs", "2", "--model.target_flops_saved", "null",  # 32 images: coarse savings
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     return workdir / "logs" / "agent" / "version_0" / "checkpoints" / "last.ckpt"

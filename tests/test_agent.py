@@ -4,23 +4,46 @@ import lightning as L
 import pytest
 import torch
 from conftest import make_image_folder
+from torch.utils.data import DataLoader
 
 from early_exit import ExitAgent, InputError
-from early_exit.agent import CONTINUE, EXIT, ExitEnvironment, with_weight
-from early_exit.cache import exit_cache, load_classifier
-from early_exit.data import CIFAR10DataModule
+from early_exit.agent import CONTINUE, EXIT, ExitEnvironment, episode_returns, with_weight
+from early_exit.cache import ExitCache, load_classifier
 from early_exit.evaluation import (
     SAVINGS,
     ExitOutputs,
     evaluate_exits,
     first_exit,
     operating_curve,
+    path_flops,
     policy_exits,
 )
 from early_exit.model import EarlyExitCNN
 
 CLASSES = 10
 MODEL = EarlyExitCNN()  # its measured FLOPs set the costs: exits at 18.8/45.8/72.8/100 %
+
+
+class GivenExits(L.LightningDataModule):
+    """What the agent reads from its data module (an ExitCache in eecnn), here exit outputs given directly."""
+
+    def __init__(self, outputs: ExitOutputs) -> None:
+        super().__init__()
+        self.train_outputs, self.outputs = outputs, outputs
+        self.num_exits, self.num_classes = outputs.num_exits, CLASSES
+        self.costs, self.full_flops = path_flops(MODEL), float(MODEL.exit_flops[-1])
+
+    def train_dataloader(self):
+        return DataLoader(range(10**9), batch_size=None)  # the agent's steps; its experience is its environment
+
+    def val_dataloader(self):
+        return DataLoader([(self.outputs.logits, self.outputs.labels)], batch_size=None)
+
+
+def untrained_agent(**kwargs) -> ExitAgent:
+    agent = ExitAgent(**kwargs)
+    agent.build(num_exits=4, num_classes=CLASSES)
+    return agent
 
 
 def synthetic_outputs(right: torch.Tensor, confidence: torch.Tensor) -> ExitOutputs:
@@ -36,13 +59,12 @@ def synthetic_outputs(right: torch.Tensor, confidence: torch.Tensor) -> ExitOutp
 def train_agent(outputs: ExitOutputs, compute_weight: float = 0.5, weight_range: tuple | None = None,
                 steps: int = 500) -> ExitAgent:
     L.seed_everything(0)
-    agent = ExitAgent("unused.ckpt", compute_weight=compute_weight, compute_weight_range=weight_range, num_envs=128,
-                      replay_batch_size=256, epsilon_decay_steps=300, steps_per_epoch=steps, target_sync_steps=50,
-                      lr=3e-3)
-    agent.attach({"val_views": outputs, "val": outputs, "test": outputs}, MODEL)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(agent)
+    agent = ExitAgent(compute_weight=compute_weight, compute_weight_range=weight_range, num_envs=128,
+                      replay_batch_size=256, epsilon_decay_steps=300, target_sync_steps=50, lr=3e-3)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(agent, datamodule=GivenExits(outputs))
     return agent
 
 
@@ -114,7 +136,7 @@ def test_a_flops_target_lands_within_half_a_point_on_validation_or_is_refused():
     confidence = torch.where(right, 0.5 + 0.5 * torch.rand(n, 4), 0.6 * torch.rand(n, 4))  # informative, spread
     outputs = synthetic_outputs(right, confidence)
     agent = train_agent(outputs, weight_range=(-0.3, 1.0), steps=600)
-    costs, full = agent.costs, agent.full_flops
+    costs, full = path_flops(MODEL), float(MODEL.exit_flops[-1])
     switch, weights = agent.switch_weights(outputs.logits), torch.linspace(-0.3, 1.0, 261).tolist()
     greedy = torch.stack([agent.greedy_exits(outputs, w) for w in weights])
     assert (greedy.diff(dim=0) <= 0).all()  # what makes the bisection exact: a higher weight never sends further
@@ -161,7 +183,7 @@ def test_reward_bookkeeping_matches_a_hand_computation():
     _, _, rewards, _, done = env.step(torch.tensor([EXIT, EXIT]))
     assert rewards.tolist() == pytest.approx([1.0 - 2.0 * 0.3, -3.0 - 2.0 * 0.3])
     # an episode's return is the sum of its rewards: image 0 exited at exit 2, image 1 at exit 1
-    returns = env.returns(torch.tensor([True, True]), torch.tensor([1, 0]), 2.0)
+    returns = episode_returns(torch.tensor([True, True]), torch.tensor([1, 0]), costs, 2.0, 1.0, -3.0)
     assert returns.tolist() == pytest.approx([(-2.0 * 0.2) + (1.0 - 2.0 * 0.3), 1.0 - 2.0 * 0.2])
 
 
@@ -210,93 +232,95 @@ def test_first_exit_picks_the_first_stop_and_forces_the_last():
     assert first_exit(stop).tolist() == [1, 2, 0]
 
 
+def exit_cache(ckpt, data_dir, cache_dir, **kwargs) -> ExitCache:
+    return ExitCache(str(ckpt), data_dir=str(data_dir), download=False, cache_dir=str(cache_dir), **kwargs)
+
+
 def test_second_cache_run_reuses_the_cache_without_running_the_cnn(trained_run, image_folder, tmp_path, monkeypatch):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    classifier, _, _ = load_classifier(ckpt)
-    data = CIFAR10DataModule(str(image_folder), download=False, val_size=32)
-    first = exit_cache(classifier, ckpt, data, tmp_path)
-    assert first["test"].logits.shape == (48, 2, 4)
-    assert len(first["train"].labels) + len(first["val"].labels) == 4 * 48
+    first = exit_cache(ckpt, image_folder, tmp_path)
+    first.setup("test", splits=("train",))
+    assert first.outputs["test"].logits.shape == (48, 2, 4)
+    assert len(first.outputs["train"].labels) + len(first.outputs["val"].labels) == 4 * 48
 
     def no_cnn(*args, **kwargs):
         raise AssertionError("the CNN ran although the cache exists")
 
     monkeypatch.setattr("early_exit.cache.run_exits", no_cnn)
-    second = exit_cache(classifier, ckpt, data, tmp_path)
-    assert torch.equal(first["test"].logits, second["test"].logits)
+    second = exit_cache(ckpt, image_folder, tmp_path)
+    second.setup("test", splits=("train",))
+    assert torch.equal(first.outputs["test"].logits, second.outputs["test"].logits)
 
 
 def test_other_images_of_the_same_count_get_their_own_exit_cache(trained_run, image_folder, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    classifier, _, _ = load_classifier(ckpt)
     other = make_image_folder(tmp_path / "other", seed=1)  # same layout and counts, other pixels
-    first, second = (exit_cache(classifier, ckpt, CIFAR10DataModule(str(folder), download=False, val_size=32),
-                                tmp_path / "cache", ("test",))["test"] for folder in (image_folder, other))
+    caches = [exit_cache(ckpt, folder, tmp_path / "cache") for folder in (image_folder, other)]
+    for cache in caches:
+        cache.setup("test")
+    first, second = (cache.outputs["test"] for cache in caches)
     assert first.logits.shape == second.logits.shape and not torch.equal(first.logits, second.logits)
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 4  # val and test of each
 
 
 def test_data_with_other_classes_than_the_classifier_is_refused_before_the_cnn_runs(trained_run, tmp_path):
-    ckpt = trained_run / "checkpoints" / "last.ckpt"
-    classifier, _, _ = load_classifier(ckpt)
     three = make_image_folder(tmp_path / "three")
     for split in ("train", "test"):
         shutil.rmtree(three / split / "stripe")
+    cache = exit_cache(trained_run / "checkpoints" / "last.ckpt", three, tmp_path / "cache")
     with pytest.raises(InputError, match="has 3 classes but the classifier 4"):
-        exit_cache(classifier, ckpt, CIFAR10DataModule(str(three), download=False, val_size=32), tmp_path / "cache")
+        cache.setup("test")
     assert not (tmp_path / "cache").exists()
 
 
-def test_bad_classifier_checkpoints_are_reported(trained_run, tmp_path):
+def test_bad_classifier_checkpoints_are_reported(trained_run, trained_agent, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_classifier(tmp_path / "missing.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(InputError, match="not an eecnn checkpoint"):
         load_classifier(tmp_path / "other.ckpt")
-    agent = ExitAgent(str(trained_run / "checkpoints" / "last.ckpt"), num_exits=4, cache_dir=str(tmp_path))
-    with pytest.raises(InputError, match="has 2 exits but the agent is built for 4"):
-        agent.setup("fit")
+    agent = ExitAgent.load_from_checkpoint(trained_agent, map_location="cpu")  # built for 2 exits and 4 classes
+    with pytest.raises(InputError, match="this agent decides for 2 exits and 4 classes, the classifier has 4 and 10"):
+        agent.build(num_exits=4, num_classes=10)
 
 
 def test_the_agent_learns_and_is_selected_on_held_out_images_only(trained_agent):
     folder = trained_agent.parents[3] / "exit_cache"
     caches = sorted(p.name.split("-data")[1].split("-", 1)[1] for p in folder.iterdir())
     assert caches == ["val.pt", "val_views8-crop4-flip.pt"]  # `eecnn fit` of an agent cached no training images
-    agent = ExitAgent.load_from_checkpoint(trained_agent, map_location="cpu")
-    agent.setup("fit")  # it learns from the 8 views of each validation image, as configs/agent.yaml says
-    assert set(agent.outputs) == {"val", "val_views"}
-    assert len(agent.env.features) == 8 * len(agent.outputs["val"].labels)
+    hparams = torch.load(trained_agent, weights_only=True)["datamodule_hyper_parameters"]
+    cache = ExitCache(hparams["classifier_ckpt"], cache_dir=str(folder), val_views=hparams["val_views"])
+    cache.setup("fit")  # it learns from the 8 views of each validation image, as configs/agent.yaml says
+    assert cache.train_split == "val_views"
+    assert len(cache.train_outputs.labels) == 8 * len(cache.outputs["val"].labels)
 
 
 def test_val_views_hold_each_validation_image_then_random_crops_and_flips(trained_run, image_folder, tmp_path):
-    ckpt = trained_run / "checkpoints" / "last.ckpt"
-    classifier, _, _ = load_classifier(ckpt)
-    data = CIFAR10DataModule(str(image_folder), download=False, val_size=32)
-    outputs = exit_cache(classifier, ckpt, data, tmp_path, ("val_views", "val"), views=3)
+    cache = exit_cache(trained_run / "checkpoints" / "last.ckpt", image_folder, tmp_path, val_views=3)
+    cache.setup("fit")
     assert sorted(p.name.split("-data")[1].split("-", 1)[1] for p in tmp_path.iterdir()) == \
         ["val.pt", "val_views3-crop4-flip.pt"]
-    val, views = outputs["val"], outputs["val_views"]
+    val, views = cache.outputs["val"], cache.train_outputs
     assert torch.equal(views.labels, val.labels.repeat(3))
     assert torch.allclose(views.logits[:32], val.logits) and not torch.allclose(views.logits[32:64], val.logits)
-    agent = ExitAgent(str(ckpt), num_exits=2, num_classes=4, val_views=3)
-    agent.attach(outputs, classifier.model)
-    assert len(agent.env.features) == 3 * 32  # the agent learns on every view
 
 
 def test_val_views_are_augmented_as_the_data_module_augments_training_images(trained_run, image_folder, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    classifier, _, _ = load_classifier(ckpt)
-    data = CIFAR10DataModule(str(image_folder), download=False, val_size=32, crop_padding=0, horizontal_flip=False)
-    outputs = exit_cache(classifier, ckpt, data, tmp_path, ("val_views", "val"), views=3)
-    assert any(p.name.endswith("-val_views3-crop0.pt") for p in tmp_path.iterdir())
-    assert torch.allclose(outputs["val_views"].logits, outputs["val"].logits.repeat(3, 1, 1))  # nothing to vary
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["datamodule_hyper_parameters"] |= {"crop_padding": 0, "horizontal_flip": False}
+    torch.save(checkpoint, tmp_path / "no-augmentation.ckpt")
+    cache = exit_cache(tmp_path / "no-augmentation.ckpt", image_folder, tmp_path / "cache", val_views=3)
+    cache.setup("fit")
+    assert any(p.name.endswith("-val_views3-crop0.pt") for p in (tmp_path / "cache").iterdir())
+    assert torch.allclose(cache.train_outputs.logits, cache.outputs["val"].logits.repeat(3, 1, 1))  # nothing to vary
 
 
 @pytest.mark.parametrize("class_aware", [False, True])
 def test_greedy_exits_on_cached_outputs_are_the_exits_the_engine_asks_for_one_exit_at_a_time(class_aware):
     torch.manual_seed(0)
     outputs = ExitOutputs(torch.randn(500, 4, CLASSES) * 3, torch.randint(CLASSES, (500,)))
-    agent = ExitAgent("unused.ckpt", class_aware=class_aware)
+    agent = untrained_agent(class_aware=class_aware)
     for weight in (-0.3, 0.2, 1.0):  # the engine passes the logits of the exits reached so far
         with torch.no_grad():  # an exit bias that stops about half the states, so the policy splits the images
             q = agent.q_net(with_weight(agent.features(outputs.logits), torch.tensor(weight)))
@@ -311,7 +335,7 @@ def test_the_policy_decides_in_fp32_whatever_precision_the_trainer_runs_in():
     # validated (and its FLOPs target read off a curve) in fp32, so its decisions must not move with bf16.
     torch.manual_seed(0)
     logits = torch.randn(4000, 4, CLASSES) * 3
-    agent = ExitAgent("unused.ckpt")
+    agent = untrained_agent()
     with torch.no_grad():  # an exit bias that stops about half the states: many decisions near the boundary
         q = agent.q_net(with_weight(agent.features(logits), torch.tensor(0.2)))
         agent.q_net[-1].bias[EXIT] -= (q[..., EXIT] - q[..., CONTINUE]).median()

@@ -105,12 +105,12 @@ def test_bad_settings_are_one_line_naming_the_flag(image_folder, tmp_path, monke
 
 def test_an_agent_without_its_classifier_says_which_flag_to_pass():
     message = error_of(["fit", "--config", str(ROOT / "configs" / "agent.yaml")])
-    assert message.startswith("eecnn: error: missing --model.classifier_ckpt: pass --model.classifier_ckpt")
+    assert message.startswith("eecnn: error: missing --data.classifier_ckpt: pass --data.classifier_ckpt")
 
 
 def agent_fit_args(trained_run: Path) -> list[str]:
-    return ["fit", "--config", AGENT_CONFIG, "--model.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"),
-            "--model.num_exits", "2", "--model.num_classes", "4", "--model.steps_per_epoch", "20",
+    return ["fit", "--config", AGENT_CONFIG, "--data.classifier_ckpt", str(trained_run / "checkpoints" / "last.ckpt"),
+            "--trainer.limit_train_batches", "20",
             "--trainer.max_epochs", "1", "--model.target_flops_saved", "null",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -119,8 +119,7 @@ def test_an_agent_reads_its_images_through_the_data_section(trained_run, image_a
     monkeypatch.chdir(tmp_path)
     run([*agent_fit_args(trained_run), "--data.data_dir", str(image_archive)])  # the classifier read a folder
     run_dir = tmp_path / "logs" / "agent" / "version_0"
-    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]
-    assert data["data_dir"] == str(image_archive) and data["val_size"] == 32  # the rest: the classifier's settings
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]["data_dir"] == str(image_archive)
     fingerprint = CIFAR10DataModule(str(image_archive), val_size=32).fingerprint()
     assert {p.name.split("-")[2] for p in (tmp_path / "logs" / "exit_cache").iterdir()} == {f"data{fingerprint}"}
     run(["test", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), "--data.data_dir", str(image_archive),
@@ -130,13 +129,16 @@ def test_an_agent_reads_its_images_through_the_data_section(trained_run, image_a
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--model.classifier_ckpt", "missing.ckpt"],
-     "checkpoint missing.ckpt does not exist: check --model.classifier_ckpt"),
+    (["--data.classifier_ckpt", "missing.ckpt"],
+     "checkpoint missing.ckpt does not exist: check --data.classifier_ckpt"),
     (["--data.data_dir", "nowhere.tar.gz"], "archive nowhere.tar.gz does not exist: check --data.data_dir"),
     (["--data.data_dir", "three"], "the data at three has 3 classes but the classifier 4: point --data.data_dir at"),
     (["--data.batch_size", "0"], "--data.batch_size must be at least 1, got 0"),
-    (["--model.data_dir", "x"], ("--model.data_dir is not a setting: every model reads its images through the data: "
-                                 "section, pass --data.data_dir x")),
+    (["--model.data_dir", "x"], "--model.data_dir is not a setting: pass --data.data_dir x"),
+    (["--model.classifier_ckpt", "c.ckpt"],
+     "--model.classifier_ckpt is not a setting: pass --data.classifier_ckpt c.ckpt"),
+    (["--trainer.limit_train_batches", "1.0"], ("the exit agent trains on an endless stream of environment steps: set "
+                                              "--trainer.limit_train_batches")),
     (["--model.replay_batch_size", "many"], "--model.replay_batch_size: Expected a <class 'int'>. Got value: many"),
 ])
 def test_bad_agent_settings_are_one_line_before_the_exit_cache_is_built(trained_run, tmp_path, monkeypatch, args,
@@ -184,14 +186,26 @@ def test_an_agent_whose_curve_predates_exact_targets_says_to_retrain_it(trained_
     assert "retrain" in message
 
 
-def test_an_agent_from_an_earlier_eecnn_says_to_retrain_it(trained_agent, tmp_path, monkeypatch):
-    checkpoint = torch.load(trained_agent, weights_only=True)
-    hparams = checkpoint["hyper_parameters"]  # as agents were saved before the compute weight was a state input
+def weight_not_an_input(checkpoint: dict) -> None:  # as agents were saved before the compute weight was an input
+    hparams = checkpoint["hyper_parameters"]
     hparams["data_dir"], hparams["batch_size"] = None, hparams.pop("replay_batch_size")
     del hparams["compute_weight_range"], hparams["target_flops_saved"]
+
+
+def classifier_in_the_model(checkpoint: dict) -> None:  # as agents were saved before the exit cache was a data module
+    checkpoint["hyper_parameters"] |= {"classifier_ckpt": checkpoint["datamodule_hyper_parameters"].pop(
+        "classifier_ckpt"), "num_exits": 2, "num_classes": 4, "steps_per_epoch": 40}
+    del checkpoint["exit_sizes"]
+
+
+@pytest.mark.parametrize("age", [weight_not_an_input, classifier_in_the_model])
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_an_agent_from_an_earlier_eecnn_says_to_retrain_it(trained_agent, tmp_path, monkeypatch, age, command):
+    checkpoint = torch.load(trained_agent, weights_only=True)
+    age(checkpoint)
     torch.save(checkpoint, tmp_path / "old.ckpt")
     monkeypatch.chdir(tmp_path)
-    message = error_of(["test", "--ckpt_path", "old.ckpt"])
+    message = error_of([command, "--ckpt_path", "old.ckpt", *(["photo.png"] if command == "predict" else [])])
     assert message.startswith("eecnn: error: old.ckpt is an exit agent from an earlier eecnn") and "retrain" in message
 
 
@@ -262,7 +276,7 @@ def test_ddp_on_two_processes_reports_all_rank_metrics(image_folder, trained_run
 
 
 def test_flags_override_the_settings_saved_in_the_checkpoint(trained_agent, tmp_path):
-    message = error_of(["test", "--ckpt_path", str(trained_agent), "--model.classifier_ckpt", str(tmp_path / "x.ckpt")])
+    message = error_of(["test", "--ckpt_path", str(trained_agent), "--data.classifier_ckpt", str(tmp_path / "x.ckpt")])
     assert "x.ckpt does not exist" in message  # the flag, not the classifier path the agent recorded
 
 

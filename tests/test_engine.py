@@ -33,7 +33,8 @@ def random_agent(model: EarlyExitCNN, images: torch.Tensor) -> ExitAgent:
     """An untrained agent (a random but deterministic policy of the logits), its exit bias set so that it
     stops on about half of the states ``images`` lead to."""
     torch.manual_seed(0)
-    agent = ExitAgent("unused.ckpt").eval()
+    agent = ExitAgent().eval()
+    agent.build(model.num_exits, num_classes=10)
     with torch.no_grad():
         agent.q_net[0].weight[:, NUM_CONFIDENCE_FEATURES:] = 0  # decide on the logits, not on the exit index
         features = agent.features(torch.stack(model(images), dim=1))

@@ -24,7 +24,7 @@ def test_exported_checkpoints_are_slim_and_test_and_predict_like_the_originals(t
     original, half = (torch.stack(load_classifier(path)[0](images), dim=1) for path in (source, shipped))
     assert torch.allclose(original, half, atol=0.05)
 
-    main(["test", "--ckpt_path", "shipped/agent.ckpt", "--model.classifier_ckpt", "shipped/classifier.ckpt",
+    main(["test", "--ckpt_path", "shipped/agent.ckpt", "--data.classifier_ckpt", "shipped/classifier.ckpt",
           "--data.data_dir", str(image_folder), "--trainer.enable_progress_bar", "false"])
     report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
     assert report["accuracy"] > 50  # 4 well-separated classes; chance is 25 %
@@ -45,7 +45,7 @@ def test_a_shipped_agent_finds_its_classifier_beside_it_from_any_folder(trained_
     export([str(trained_run / "checkpoints" / "last.ckpt"), "shipped/classifier.ckpt", "--half"])
     export([str(trained_agent), "shipped/agent.ckpt"])
     saved = torch.load("shipped/agent.ckpt", weights_only=True)
-    saved["hyper_parameters"]["classifier_ckpt"] = "results/classifier.ckpt"  # as trained in the repository root
+    saved["datamodule_hyper_parameters"]["classifier_ckpt"] = "results/classifier.ckpt"  # as in the repository root
     torch.save(saved, "shipped/agent.ckpt")
     image = next((image_folder / "test" / "cross").iterdir())
     monkeypatch.chdir(tmp_path / "shipped")  # where results/classifier.ckpt does not exist

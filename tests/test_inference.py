@@ -28,7 +28,8 @@ PLOTS = ("exit_distribution", "confidence", "per_class_accuracy", "class_exit_ac
 def classifier_of(agent_ckpt: Path):
     import torch
 
-    return load_classifier(torch.load(agent_ckpt, weights_only=True)["hyper_parameters"]["classifier_ckpt"])[0]
+    checkpoint = torch.load(agent_ckpt, weights_only=True)
+    return load_classifier(checkpoint["datamodule_hyper_parameters"]["classifier_ckpt"])[0]
 
 
 def test_eecnn_test_on_an_agent_writes_a_consistent_report_and_plots(trained_agent, tmp_path, monkeypatch, capsys):
@@ -175,13 +176,16 @@ def test_readme_python_example_runs(trained_agent, image_folder, tmp_path, monke
 
 def test_the_python_apis_evaluate_with_validation_images_is_the_report_eecnn_test_writes(trained_agent, tmp_path,
                                                                                          monkeypatch):
-    from early_exit import EarlyExitPredictor
+    import torch
+
+    from early_exit import EarlyExitPredictor, ExitCache
+    from early_exit.checkpoint import data_args
 
     monkeypatch.chdir(tmp_path)
     main(["test", "--ckpt_path", str(trained_agent), "--trainer.enable_progress_bar", "false"])
     report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
     predictor = EarlyExitPredictor.from_checkpoint(trained_agent)
-    data = predictor.agent.data  # the images the classifier recorded, as `eecnn test` reads them
+    data = ExitCache(**data_args(torch.load(trained_agent, weights_only=True), trained_agent)).images
     data.prepare_data()
     data.setup("fit")
     data.setup("test")

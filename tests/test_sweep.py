@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from early_exit import ExitAgent
+from early_exit import ExitAgent, ExitCache
 from early_exit.evaluation import evaluate_exits
 from early_exit.sweep import best_threshold_at, main
 
@@ -12,8 +12,8 @@ def test_sweep_measures_one_agent_per_seed_along_the_curve_against_thresholds(tr
     monkeypatch.chdir(tmp_path)
     ckpt = str(trained_run / "checkpoints" / "last.ckpt")
     main(["--classifier-ckpt", ckpt, "--seeds", "0", "1", "--targets", "20", "40", "--fixed-weights", "0.5",
-          "--output", "out", "--", "--model.num_exits", "2", "--model.num_classes", "4",
-          "--model.steps_per_epoch", "40", "--model.epsilon_decay_steps", "30", "--trainer.max_epochs", "1",
+          "--output", "out", "--", "--trainer.limit_train_batches", "40",
+          "--model.epsilon_decay_steps", "30", "--trainer.max_epochs", "1",
           "--trainer.enable_progress_bar", "false"])
     result = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert (tmp_path / "out" / "sweep.png").stat().st_size > 10_000
@@ -26,11 +26,13 @@ def test_sweep_measures_one_agent_per_seed_along_the_curve_against_thresholds(tr
     assert "agent trained at compute weight 0.5 only" in names
     for run in runs[:2]:  # each seed's rows are the shared evaluation of its best checkpoint at each target
         agent = ExitAgent.load_from_checkpoint(run["checkpoint"], map_location="cpu")
-        agent.setup("test")
+        cache = ExitCache(ckpt)
+        cache.setup("test")
+        test = cache.outputs["test"]
         for row in (r for r in rows if r.get("seed") == int(run["name"][-1])):
             agent.hparams.target_flops_saved = row["target"]
-            exits = agent.greedy_exits(agent.outputs["test"], agent.operating_weight(clamp=True))
-            expected = evaluate_exits(exits, agent.outputs["test"], agent.costs, agent.full_flops)
+            exits = agent.greedy_exits(test, agent.operating_weight(clamp=True))
+            expected = evaluate_exits(exits, test, cache.costs, cache.full_flops)
             assert row["accuracy"] == expected["accuracy"] and row["flops_saved_pct"] == expected["flops_saved_pct"]
     for summary in result["summary"]:
         points = [r for r in rows if r.get("target") == summary["target_flops_saved"]]
