@@ -13,34 +13,38 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from early_exit.errors import InputError
-from early_exit.evaluation import SAVINGS, ExitOutputs, evaluate_exits, first_exit, normalized_entropy, operating_curve
+from early_exit.evaluation import SAVINGS, ExitOutputs, evaluate_exits, first_exit, operating_curve, probability_entropy
 
 CONTINUE, EXIT = 0, 1
 TARGET_TOLERANCE = 0.5  # points of FLOPs saved on validation a target may be missed by
 NUM_CONFIDENCE_FEATURES = 4  # max prob, margin, entropy, agreement; then the exit one-hot and the softmax vectors
 
 
+def confidence_features(logits: Tensor, previous: Tensor | int) -> Tensor:
+    """(..., 4) for (..., classes) float exit logits: max softmax probability, top-1/top-2 margin, normalised
+    entropy and agreement with the ``previous`` exit's predictions (-1 where there is none: never agreed with)."""
+    probs = logits.softmax(-1)
+    top2 = probs.topk(2, dim=-1).values
+    agrees = (logits.argmax(-1) == previous).float()
+    return torch.stack([top2[..., 0], top2[..., 0] - top2[..., 1], probability_entropy(probs), agrees], dim=-1)
+
+
 def exit_features(logits: Tensor, num_exits: int, class_aware: bool) -> Tensor:
     """(N, k, 4 + num_exits [+ num_exits x classes]) what is known at each of the k exits in (N, k, classes)
-    ``logits``: max softmax probability, top-1/top-2 margin, normalised entropy, agreement with the previous
-    exit's prediction (0 at the first exit), the exit index one-hot and, if ``class_aware``, the softmax
+    ``logits``: the ``confidence_features``, the exit index one-hot and, if ``class_aware``, the softmax
     vectors of every exit passed so far, zeros in place of those not reached: what lets a policy learn
     which classes an exit confuses."""
     logits = logits.float()
     n, k, classes = logits.shape
-    probs = logits.softmax(-1)
-    top2 = probs.topk(2, dim=-1).values
     predictions = logits.argmax(-1)
-    agrees = torch.zeros_like(top2[..., 0])
-    agrees[:, 1:] = (predictions[:, 1:] == predictions[:, :-1]).float()
+    previous = torch.cat([torch.full_like(predictions[:, :1], -1), predictions[:, :-1]], dim=1)
     one_hot = torch.eye(num_exits, device=logits.device)[:k].expand(n, -1, -1)
-    scalars = torch.cat([top2[..., :1], top2[..., :1] - top2[..., 1:], normalized_entropy(logits)[..., None],
-                         agrees[..., None], one_hot], dim=-1)
+    scalars = torch.cat([confidence_features(logits, previous), one_hot], dim=-1)
     if not class_aware:
         return scalars
     passed = torch.ones(k, k, device=logits.device).tril()[None, :, :, None]  # exit j has passed exits 0..j
     seen = torch.zeros(n, k, num_exits, classes, device=logits.device)
-    seen[:, :, :k] = probs[:, None] * passed
+    seen[:, :, :k] = logits.softmax(-1)[:, None] * passed
     return torch.cat([scalars, seen.flatten(2)], dim=-1)
 
 
@@ -75,6 +79,39 @@ def episode_returns(right: Tensor, exits: Tensor, step_costs: Tensor, compute_we
     """Total reward of episodes ending at ``exits`` with answers ``right``: what ``ExitEnvironment`` pays them
     over their steps, whose relative costs are ``step_costs``."""
     return torch.where(right, reward_correct, reward_wrong) - compute_weight * step_costs.cumsum(0)[exits]
+
+
+class GreedyPolicy(nn.Module):
+    """An agent's greedy policy at one compute weight, as the early-exit engine asks it: for (n, k, classes)
+    logits of the exits passed so far, whether each image stops at exit k. It decides what
+    ``ExitAgent.stops`` decides, the Q-network reading the same state, but featurises exit k alone and
+    builds the part of the state every image shares (the exit one-hot and the weight) once: a few
+    operations per exit, what an engine answering one image at a time pays for at every exit it passes."""
+
+    def __init__(self, q_net: nn.Module, num_exits: int, class_aware: bool, compute_weight: float) -> None:
+        super().__init__()
+        self.q_net, self.num_exits, self.class_aware = q_net, num_exits, class_aware
+        self.compute_weight = compute_weight
+        shared = torch.cat([torch.eye(num_exits), torch.full((num_exits, 1), compute_weight)], dim=1)
+        self.register_buffer("shared", shared, persistent=False)  # row k: exit k's one-hot and the weight
+        # The layers' weights, called as functions: looking them up and calling modules costs microseconds,
+        # which one image pays at every exit. Moving the Q-network moves these tensors in place.
+        self.layers = [(layer.weight, layer.bias) for layer in q_net if isinstance(layer, nn.Linear)]
+
+    def forward(self, seen: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(seen.device.type):  # bf16 Q-values would flip close validated decisions
+            with torch.autocast(seen.device.type, enabled=False):
+                return self(seen.float())
+        n, k, _ = seen.shape
+        if self.class_aware:  # the state holds every exit passed: featurise them all
+            state = with_weight(exit_features(seen, self.num_exits, True)[:, -1], torch.tensor(self.compute_weight))
+        else:
+            previous = seen[:, -2].argmax(-1) if k > 1 else -1
+            shared = self.shared[k - 1 : k] if n == 1 else self.shared[k - 1].expand(n, -1)
+            state = torch.cat([confidence_features(seen[:, -1].float(), previous), shared], dim=1)
+        for i, (weight, bias) in enumerate(self.layers):
+            state = F.linear(state if i == 0 else F.relu(state), weight, bias)
+        return state[:, EXIT] >= state[:, CONTINUE]
 
 
 class ExitEnvironment:
@@ -276,10 +313,15 @@ class ExitAgent(L.LightningModule):
         weight = torch.tensor(self.operating_weight() if compute_weight is None else compute_weight)
         return self.decide(self.features(logits.to(self.device)), weight)
 
+    def greedy_policy(self, compute_weight: float | None = None) -> GreedyPolicy:
+        """The greedy policy at ``compute_weight`` (by default the operating weight), for the engine."""
+        weight = self.operating_weight() if compute_weight is None else compute_weight
+        return GreedyPolicy(self.q_net, self.sizes["num_exits"], self.hparams.class_aware, weight).to(self.device)
+
     def forward(self, logits: Tensor, compute_weight: float | None = None) -> Tensor:
-        """The greedy policy, as the engine asks it: for (n, k, classes) logits of the exits passed so far,
-        whether each image stops at exit k."""
-        return self.stops(logits, compute_weight)[:, -1]
+        """``greedy_policy``'s decision for (n, k, classes) logits of the exits passed so far: whether each image
+        stops at exit k. An engine holds the policy itself and pays for the operating weight only once."""
+        return self.greedy_policy(compute_weight)(logits)
 
     def greedy_exits(self, outputs: ExitOutputs, compute_weight: float | None = None) -> Tensor:
         """(N,) 0-based exit the greedy policy takes on cached exit outputs: one pass over every exit."""

@@ -53,25 +53,44 @@ def inference_copy(model: EarlyExitCNN) -> EarlyExitCNN:
 
 class EarlyExitEngine:
     """Runs a batch through ``model`` stage by stage; after exit k the policy decides which images stop,
-    and stage k + 1 runs only on the rest. Images are the model's normalised float input."""
+    and stage k + 1 runs only on the rest. Images are the model's normalised float input. One image takes
+    a path of its own, with none of a batch's bookkeeping (which images go on, where answers go)."""
 
     def __init__(self, model: EarlyExitCNN, policy: ExitPolicy) -> None:
         self.model = inference_copy(model)
         self.policy = policy
         self.costs = path_flops(model)  # FLOPs per image of answering at exit k, as this engine spends them
         self.full_flops = float(model.exit_flops[-1])
+        self.device = next(model.parameters()).device
 
     def to(self, device: torch.device | str) -> "EarlyExitEngine":
         self.model.to(device)
+        if isinstance(self.policy, nn.Module):
+            self.policy.to(device)
+        self.device = torch.device(device)
         return self
 
     def _prepare(self, images: Tensor) -> Tensor:
-        device = next(self.model.parameters()).device
-        return images.to(device).contiguous(memory_format=torch.channels_last)
+        return images.to(self.device).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> EarlyExitResult:
         x = self._prepare(images)
+        return self.one_image(x) if len(x) == 1 else self.batch(x)
+
+    def one_image(self, x: Tensor) -> EarlyExitResult:
+        last, seen = self.model.num_exits - 1, None
+        for k, (stage, head) in enumerate(zip(self.model.stages, self.model.exits)):
+            x = stage(x)
+            current = head(x).float()[:, None]
+            seen = current if seen is None else torch.cat([seen, current], dim=1)
+            if k == last or self.policy(seen)[0]:
+                break
+        confidence, prediction = seen[:, -1].softmax(-1).max(-1)
+        return EarlyExitResult(prediction, confidence, torch.tensor([k], device=x.device),
+                              self.costs[k:k + 1].to(x.device))
+
+    def batch(self, x: Tensor) -> EarlyExitResult:
         n, last = len(x), self.model.num_exits - 1
         exits = torch.full((n,), last, dtype=torch.long, device=x.device)
         running = torch.arange(n, device=x.device)
@@ -102,14 +121,63 @@ class EarlyExitEngine:
         return self.model.exits[-1](x)
 
 
+def synchronize() -> None:
+    """Wait for the GPU, if one is in use, so that a timer reads its work as done (and costs nothing otherwise:
+    asking whether CUDA is available takes longer than an exit head at one image)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def images_per_second(fn: Callable[[Tensor], object], images: Tensor, batch_size: int) -> float:
     """Throughput of ``fn`` over ``images`` in batches, after one warm-up batch, synchronising CUDA."""
     batches = images.split(batch_size)
     fn(batches[0])
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
+    synchronize()
     start = time.perf_counter()
     for batch in batches:
         fn(batch)
-    sync()
+    synchronize()
     return len(images) / (time.perf_counter() - start)
+
+
+def seconds_per_image(fn: Callable[[Tensor], object], images: Tensor) -> list[float]:
+    """The latency of ``fn`` on each of ``images`` given one at a time, after one warm-up image."""
+    fn(images[:1])
+    times = []
+    for image in images.split(1):
+        start = time.perf_counter()
+        fn(image)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.inference_mode()
+def stage_seconds(model: EarlyExitCNN, images: Tensor, batch_size: int) -> tuple[list[float], list[float]]:
+    """Per image, the seconds each stage and each exit head of ``model`` take at ``batch_size``, timed one by one
+    as the full network runs them in order (all exit heads included), after one warm-up batch."""
+    device = next(model.parameters()).device
+    stages, heads = [0.0] * model.num_exits, [0.0] * model.num_exits
+    batches = images.split(batch_size)
+    for i, batch in enumerate(batches[:1] + batches):  # the first one warms up
+        x = batch.to(device).contiguous(memory_format=torch.channels_last)
+        for k, (stage, head) in enumerate(zip(model.stages, model.exits)):
+            synchronize()
+            start = time.perf_counter()
+            x = stage(x)
+            synchronize()
+            middle = time.perf_counter()
+            head(x)
+            synchronize()
+            if i:
+                stages[k] += middle - start
+                heads[k] += time.perf_counter() - middle
+    return [t / len(images) for t in stages], [t / len(images) for t in heads]
+
+
+def time_ideal_ratio(stages: list[float], heads: list[float], exits: Tensor) -> float:
+    """The full network's time (every stage, the final head) over the mean time of answering each image at its
+    ``exits`` (stages and heads up to it) with the ``stage_seconds``: what an engine that costs nothing but
+    its stages and heads would gain."""
+    path = torch.tensor(stages, dtype=torch.float64).add(torch.tensor(heads, dtype=torch.float64)).cumsum(0)
+    return (sum(stages) + heads[-1]) / path[exits.cpu()].mean().item()

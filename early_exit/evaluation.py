@@ -37,7 +37,11 @@ class ExitOutputs:
 
 def normalized_entropy(logits: Tensor) -> Tensor:
     """Entropy of the softmax over the last dimension, divided by its maximum, log(classes): in [0, 1]."""
-    probs = logits.float().softmax(-1)
+    return probability_entropy(logits.float().softmax(-1))
+
+
+def probability_entropy(probs: Tensor) -> Tensor:
+    """``normalized_entropy`` of probabilities (the last dimension) already computed."""
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
 
 

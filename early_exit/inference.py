@@ -109,12 +109,29 @@ class PredictionTable(BasePredictionWriter):
                            batch_indices: list) -> None:
         if not predictions:
             return
-        index = torch.cat([p.pop("index") for p in predictions]).tolist()  # this rank's images, under DDP too
-        result = EarlyExitResult.cat([EarlyExitResult(**p) for p in predictions])
-        self.rows = prediction_rows(result, module.classes, [trainer.datamodule.files[i] for i in index])
+        local = {name: torch.cat([p[name] for p in predictions]) for name in predictions[0]}
+        if trainer.world_size > 1:  # every rank predicted a shard: the first rank writes them all
+            local = self.gather(module, local)
+            if not trainer.is_global_zero:
+                return
+        index, order = local.pop("index").sort(stable=True)
+        kept = index >= 0  # not a gathering's padding
+        kept[1:] &= index[1:] != index[:-1]  # nor an image a shard repeats
+        result = EarlyExitResult(**{name: values[order][kept] for name, values in local.items()})
+        files = [trainer.datamodule.files[i] for i in index[kept].tolist()]
+        self.rows = prediction_rows(result, module.classes, files)
         if self.output is not None:
             write_predictions(self.rows, self.output)
             print(f"wrote {len(self.rows)} predictions to {self.output}", file=sys.stderr)
+
+    @staticmethod
+    def gather(module: L.LightningModule, local: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every rank's predictions, on every rank: shards may differ in length, so each is padded to the
+        longest with index -1 first."""
+        longest = int(module.all_gather(torch.tensor(len(local["index"]), device=module.device)).max())
+        padded = {name: torch.cat([values, values.new_full((longest - len(values),), -1)])
+                  for name, values in local.items()}
+        return {name: module.all_gather(values).flatten(0, 1).cpu() for name, values in padded.items()}
 
     def on_predict_end(self, trainer: L.Trainer, module: "EarlyExitPredictor") -> None:
         if self.rows:
@@ -132,7 +149,15 @@ class EarlyExitPredictor(L.LightningModule):
                  batch_size: int = 256) -> None:
         super().__init__()
         self.classifier, self.policy, self.classes, self.batch_size = classifier, policy, classes, batch_size
-        self.engine = EarlyExitEngine(classifier.model, policy)  # a plain object: its folded CNN copy is not saved
+        self._engine: EarlyExitEngine | None = None
+
+    @property
+    def engine(self) -> EarlyExitEngine:
+        """The classifier's CNN run with the policy's greedy decisions at its operating point: composed when
+        first used, once the policy's weights are loaded (a plain object: its folded CNN copy is not saved)."""
+        if self._engine is None:
+            self._engine = EarlyExitEngine(self.classifier.model, self.policy.greedy_policy()).to(self.device)
+        return self._engine
 
     @classmethod
     def from_checkpoint(cls, agent_ckpt: str | Path, classifier_ckpt: str | Path | None = None,
@@ -146,9 +171,7 @@ class EarlyExitPredictor(L.LightningModule):
         path = classifier_ckpt or data_args(checkpoint, agent_ckpt)["classifier_ckpt"]
         classifier, _, classes = load_classifier(path, option="classifier_ckpt")
         agent.build(classifier.model.num_exits, classifier.hparams.num_classes)
-        predictor = cls(classifier, agent, classes, batch_size).to(device).eval()
-        predictor.engine.to(device)
-        return predictor
+        return cls(classifier, agent, classes, batch_size).to(device).eval()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """An agent's checkpoint holds the policy's weights; the CNN's are its classifier's, already loaded."""
@@ -157,7 +180,7 @@ class EarlyExitPredictor(L.LightningModule):
         checkpoint["state_dict"] = own | {f"policy.{name}": value for name, value in checkpoint["state_dict"].items()}
 
     def on_predict_start(self) -> None:
-        self.engine.to(self.device)
+        self._engine = None  # composed anew, from the weights just loaded and on the device predicting
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, index = batch

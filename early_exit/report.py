@@ -111,7 +111,7 @@ class EarlyExitReport(Callback):
     """``eecnn test`` of an exit policy: the test split through the early-exit engine, then report.json, plots,
     TensorBoard scalars and figures in the run's folder, and a printed summary (on the main process only).
 
-    The engine runs the classifier's CNN with the tested module as its policy. The rest comes from the data
+    The engine runs the classifier's CNN with the tested module's ``greedy_policy()``. The rest comes from the data
     module, an ``ExitCache``: the CNN, the cached all-exit outputs of "val" and "test", the images, the class
     names and ``hparams.classifier_ckpt``, whose training curves are plotted if they are found
     (``early_exit.curves.training_curves``).
@@ -125,7 +125,7 @@ class EarlyExitReport(Callback):
         cache.images.setup("test")
         images, _ = cache.images.datasets["test"].tensors
         test = cache.outputs["test"]
-        engine = EarlyExitEngine(cache.model, module).to(module.device)
+        engine = EarlyExitEngine(cache.model, module.greedy_policy()).to(module.device)
         report = policy_report(engine, images, cache.outputs["val"], test, cache.classes,
                                cache.images.hparams.batch_size)
         figures = report_figures(report, test, training_curves(cache.hparams.classifier_ckpt))
