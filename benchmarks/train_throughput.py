@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps, after the warm-up")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default=default_precision())
+    parser.add_argument("--compile", action="store_true", help="train with --model.compile true (the bare loop: not)")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the CLI below gets its arguments from args=, not from this script's flags
@@ -74,6 +75,7 @@ def main() -> None:
                 "--trainer.default_root_dir", workdir,
                 "--checkpoint.monitor", "null",
                 "--last_checkpoint.save_top_k", "0",
+                "--model.compile", str(args.compile).lower(),
             ],
             run=False,
         )
@@ -96,6 +98,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "timed_steps": len(steps),
         "precision": args.precision,
+        "compile": args.compile,
         "device": describe_device(torch.device("cpu")),
         "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "torch": torch.__version__,

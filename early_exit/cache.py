@@ -179,6 +179,8 @@ class ExitCache(L.LightningDataModule):
         for stage in {"test" if split == "test" else "fit" for split in missing}:
             self.images.setup(stage)
         padding, flip = self.images.hparams.crop_padding, self.images.hparams.horizontal_flip
+        if self.trainer is not None:  # on the accelerator the Trainer runs on
+            self.classifier.to(self.trainer.strategy.root_device)
         for split in missing:
             images, labels = self.images.datasets[split.removesuffix("_views")].tensors
             if split == "val_views":

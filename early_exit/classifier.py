@@ -32,6 +32,9 @@ class EarlyExitClassifier(L.LightningModule):
 
     With ``whiten_stem`` the first conv starts as a whitening filter bank computed from the first training
     batch's 3x3 patches (averaged over all ranks under DDP), as airbench's stem does, rather than at random.
+
+    With ``compile`` the CNN's forward is compiled by ``torch.compile`` for training (its weights and
+    checkpoints are unchanged; validation and tests run the same compiled forward).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class EarlyExitClassifier(L.LightningModule):
         warmup_fraction: float = 0.15,
         channels_last: bool = True,
         whiten_stem: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +82,10 @@ class EarlyExitClassifier(L.LightningModule):
             {split: nn.ModuleList(MulticlassCalibrationError(num_classes, n_bins=15) for _ in range(n))
              for split in ("val_", "test_")}
         )
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and self.trainer.state.fn == "fit":
+            self.model.compile()  # in place: the state dict keeps its names
 
     def forward(self, images: Tensor) -> list[Tensor]:
         if self.hparams.channels_last:

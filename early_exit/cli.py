@@ -184,6 +184,7 @@ class EarlyExitCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
             "lr_monitor.logging_interval": "step",
             "trainer.precision": default_precision(),
+            "trainer.benchmark": True,  # cuDNN picks the fastest convolution for each input shape (CUDA only)
             "trainer.logger": {
                 "class_path": _class_path(TensorBoardLogger),
                 "init_args": {"save_dir": "logs", "name": "eecnn"},

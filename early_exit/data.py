@@ -7,12 +7,14 @@ per-image transforms, sets the pace.
 
 import glob
 import hashlib
+import math
 import os
 import shutil
 import stat
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from early_exit.errors import InputError
 
@@ -218,15 +220,39 @@ def read_torchvision_cifar10(root: Path, split: str, download: bool) -> tuple[Te
     return images, torch.tensor(dataset.targets), list(dataset.classes)
 
 
+class TensorBatches:
+    """Batches of a ``TensorDataset`` by one index per batch: no per-sample Python, no collation.
+
+    ``sampler`` (a ``DistributedSampler``, for one process too) orders the samples: shuffled anew each epoch
+    with ``seed`` (Lightning calls its ``set_epoch``), one shard per rank, padded to equal lengths as
+    Lightning's own would be. Lightning leaves an iterable that is not a ``DataLoader`` as it is."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        self.tensors, self.batch_size = dataset.tensors, batch_size
+        self.sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed)
+        self.batch_sampler = None  # as in a DataLoader of whole batches: Lightning looks for it beside the sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        order = torch.tensor(list(self.sampler), device=self.tensors[0].device)
+        for index in order.split(self.batch_size):
+            yield tuple(tensor[index] for tensor in self.tensors)
+
+
 class CIFAR10DataModule(L.LightningDataModule):
     """CIFAR-10 from torchvision's download (``data_dir`` a plain folder) or from an image-folder copy
     (``data_dir`` holding ``train/<class>/*`` and ``test/<class>/*``, or a .tar.gz/.tar of that).
 
-    A validation split of ``val_size`` images is held out of the training split with ``split_seed``. Training
-    batches are augmented on the device: random crop after ``crop_padding`` pixels of padding, horizontal flip,
-    and a ``cutout`` x ``cutout`` square of zeros (0: none). ``horizontal_flip: alternate`` is airbench's
-    alternating flip: each training image is mirrored at random once, then seen the other way round every
-    other epoch, so two epochs show every image both ways instead of each way at random.
+    A validation split of ``val_size`` images is held out of the training split with ``split_seed``. Batches
+    are drawn by one index each (``TensorBatches``), from images held on the accelerator; training batches
+    are shuffled with ``split_seed`` and the epoch, and augmented on the device: random crop after
+    ``crop_padding`` pixels of padding, horizontal flip, and a ``cutout`` x ``cutout`` square of zeros (0:
+    none). ``horizontal_flip: alternate`` is airbench's alternating flip: each training image is mirrored at
+    random once, then seen the other way round every other epoch, so two epochs show every image both ways
+    instead of each way at random.
     """
 
     def __init__(
@@ -236,15 +262,13 @@ class CIFAR10DataModule(L.LightningDataModule):
         val_size: int = 5000,
         split_seed: int = 0,
         batch_size: int = 128,
-        num_workers: int = 0,
         crop_padding: int = 4,
         horizontal_flip: bool | Literal["alternate"] = True,
         cutout: int = 0,
     ) -> None:
         super().__init__()
         for name, value, least in (("val_size", val_size, 1), ("batch_size", batch_size, 1),
-                                   ("num_workers", num_workers, 0), ("crop_padding", crop_padding, 0),
-                                   ("cutout", cutout, 0)):
+                                   ("crop_padding", crop_padding, 0), ("cutout", cutout, 0)):
             if value < least:
                 raise InputError(f"--data.{name} must be at least {least}, got {value}")
         if horizontal_flip not in (True, False, "alternate"):
@@ -326,27 +350,24 @@ class CIFAR10DataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self.classes = state_dict["classes"]
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+    def _loader(self, split: str, shuffle: bool = False) -> TensorBatches:
+        trainer, dataset = self.trainer, self.datasets[split]
+        if trainer is not None and trainer.strategy.root_device.type == "cuda":  # the images live on the GPU
+            dataset = self.datasets[split] = TensorDataset(*(t.to(trainer.strategy.root_device)
+                                                             for t in dataset.tensors))
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return TensorBatches(dataset, self.hparams.batch_size, shuffle, self.hparams.split_seed, replicas, rank)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TensorBatches:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> TensorBatches:
         return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> TensorBatches:
         return self._loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> TensorBatches:
         return self._loader("test")
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
@@ -371,8 +392,9 @@ class ImageFilesDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.files, self.images, self.errors = read_image_files(self.inputs)
-        for message in self.errors:
-            print(f"eecnn: error: {message}", file=sys.stderr)
+        if self.trainer is None or self.trainer.is_global_zero:  # every rank reads the files; one reports them
+            for message in self.errors:
+                print(f"eecnn: error: {message}", file=sys.stderr)
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.images, torch.arange(len(self.images))), batch_size=self.batch_size)

@@ -100,6 +100,12 @@ rm -f results/report/events.out.tfevents.* results/report/hparams.yaml  # the lo
 
 # 5. Benchmarks, each in one process on this machine.
 python benchmarks/train_throughput.py --data "$DATA" --output results/benchmarks/train-throughput.json
+python benchmarks/train_throughput.py --data "$DATA" --output /tmp/without-compile.json
+python benchmarks/train_throughput.py --data "$DATA" --compile --output /tmp/with-compile.json
+python -c 'import json, sys; json.dump({"without_compile": json.load(open(sys.argv[1])),
+  "with_compile": json.load(open(sys.argv[2]))}, open(sys.argv[3], "w"), indent=2)' \
+  /tmp/without-compile.json /tmp/with-compile.json results/benchmarks/compile.json
+python benchmarks/loader_throughput.py --data "$DATA" --output results/benchmarks/loader-throughput.json
 python benchmarks/inference_throughput.py --agent results/agent.ckpt --data "$DATA" \
   --output results/benchmarks/inference-throughput.json
 python benchmarks/agent_training.py --classifier-ckpt results/classifier.ckpt --data "$DATA" \

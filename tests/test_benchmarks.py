@@ -153,3 +153,16 @@ def test_shift_benchmark_measures_the_agent_as_eecnn_test_reports_it_on_clean_im
     assert clean["final exit alone"]["accuracy"] == pytest.approx(report["per_exit_accuracy"][-1])
     assert result["val_flops_saved_pct"] == pytest.approx(report["val_flops_saved_pct"])
     assert "| mean of the corrupted copies |" in out
+
+
+def test_the_gpu_training_script_trains_times_and_tests_the_recipe(image_folder, tmp_path):
+    # the script a lent GPU runs, tried on the CPU with tiny settings after its "--"
+    tiny = ["--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+            "--data.download", "false", "--data.val_size", "32", "--data.batch_size", "32", "--model.num_classes", "4",
+            "--model.num_stages", "2", "--model.width", "0.125", "--model.exit_weights", "[1,1]"]
+    subprocess.run([sys.executable, str(BENCHMARKS / "gpu_training.py"), "--data", str(image_folder), "--output",
+                    str(tmp_path / "gpu.json"), "--", *tiny], capture_output=True, text=True, check=True, cwd=tmp_path)
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert figures["epochs"] == 2 and len(figures["epoch_seconds"]) == 2 and figures["train_images_per_s"] > 0
+    assert len(figures["test_accuracy_per_exit"]) == 2 and all(0 <= a <= 100 for a in figures["test_accuracy_per_exit"])
+    assert figures["device"].startswith("cpu")

@@ -275,6 +275,19 @@ def test_ddp_on_two_processes_reports_all_rank_metrics(image_folder, trained_run
     assert one["test/loss"][0] == pytest.approx(two["test/loss"][0], rel=1e-4)
 
 
+def test_ddp_predict_on_two_processes_writes_every_image_once(trained_agent, image_folder, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    files = sorted(str(f) for f in (image_folder / "test").glob("*/*.jpg"))[:7]  # odd: one shard is padded
+    predict = subprocess.run([EECNN, "predict", "--ckpt_path", str(trained_agent), *files, "--output", "out.jsonl",
+                              "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+                              "--trainer.enable_progress_bar", "false"],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["file"] for row in rows] == files  # all of them, once each, in the order given
+    assert predict.stdout.count("\nfolder ") == 1  # one table, from one process
+
+
 def test_flags_override_the_settings_saved_in_the_checkpoint(trained_agent, tmp_path):
     message = error_of(["test", "--ckpt_path", str(trained_agent), "--data.classifier_ckpt", str(tmp_path / "x.ckpt")])
     assert "x.ckpt does not exist" in message  # the flag, not the classifier path the agent recorded
@@ -289,3 +302,12 @@ def test_the_recipe_with_a_weight_average_ships_the_average(image_folder, tmp_pa
                             weights_only=True)
     average, current = checkpoint["state_dict"], checkpoint["current_model_state"]  # EMAWeightAveraging's keys
     assert any(not torch.equal(average[k], current[k]) for k in average if average[k].is_floating_point())
+
+
+def test_a_compiled_classifier_trains_and_its_checkpoint_loads_as_any_other(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(["fit", *tiny_fit_args(image_folder, epochs=1), "--model.compile", "true"])
+    ckpt = tmp_path / "logs" / "eecnn" / "version_0" / "checkpoints" / "last.ckpt"
+    names = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert names and not any("_orig_mod" in name for name in names)  # compiled in place: the usual names
+    run(["test", "--ckpt_path", str(ckpt), "--model.compile", "false"])
