@@ -29,9 +29,8 @@ from early_exit.agent import EXIT, NUM_CONFIDENCE_FEATURES, ExitAgent, with_weig
 from early_exit.cache import ExitCache
 from early_exit.cli import EarlyExitCLI
 from early_exit.data import normalize
-from early_exit.engine import inference_copy
+from early_exit.engine import describe_device, inference_copy
 from early_exit.files import write_json
-from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -61,7 +61,7 @@ def main() -> None:
         cache.setup("test")
     except (InputError, ValueError) as err:
         sys.exit(f"combined_exits: error: {err}")
-    outputs, costs, full_flops = cache.outputs, cache.costs, cache.full_flops
+    outputs, costs, full_flops = cache.outputs, cache.costs, cache.full_cost
     print("| exits | test accuracy per exit (%) | " + " | ".join(f"max-softmax, ≥ {s:g} % saved" for s in args.saved)
           + " |\n|---|---|" + "---:|" * len(args.saved))
     rows = []

@@ -27,7 +27,7 @@ def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> di
     cache = ExitCache(str(run / "checkpoints" / "last.ckpt"), data_dir=data_dir, cache_dir=cache_dir)
     cache.setup("test")
     val, test = cache.outputs["val"], cache.outputs["test"]
-    [threshold] = max_softmax_rules(val, test, cache.costs, cache.full_flops, (saved,))
+    [threshold] = max_softmax_rules(val, test, cache.costs, cache.full_cost, (saved,))
     timing, classes = time_to_accuracy(run), test.logits.shape[-1]
     return {
         "run": run.name,

@@ -65,7 +65,7 @@ def measure(shared_ckpt: str, alone_ckpts: list[str], data_dir: str | None, save
                       "alone": accuracy(outputs["test"], -1)})
     variants = {"shared": shared} | {f"exit {k + 1}": splice(shared, {k: alone[k]}) for k in alone}
     variants["all"] = splice(shared, alone)
-    costs, full_flops = cache.costs, cache.full_flops
+    costs, full_flops = cache.costs, cache.full_cost
     rules = {name: dict(zip(map(str, saved), max_softmax_rules(o["val"], o["test"], costs, full_flops, saved)))
              for name, o in variants.items()}
     return {"exits": exits, "thresholds": rules}

@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from early_exit.cli import EarlyExitCLI
+from early_exit.engine import describe_device
 from early_exit.files import write_json
-from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

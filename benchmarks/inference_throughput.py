@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 
 from early_exit.data import CIFAR10DataModule, normalize
-from early_exit.engine import images_per_second, seconds_per_image, stage_seconds, time_ideal_ratio
+from early_exit.engine import describe_device, images_per_second, seconds_per_image, stage_seconds, time_ideal_ratio
 from early_exit.evaluation import policy_exits
 from early_exit.files import write_json
 from early_exit.inference import EarlyExitPredictor
-from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from early_exit.data import CIFAR10DataModule, TensorBatches, augment
+from early_exit.engine import describe_device
 from early_exit.files import write_json
-from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

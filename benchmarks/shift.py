@@ -118,7 +118,7 @@ def main() -> None:
     except (InputError, ValueError) as err:
         sys.exit(f"shift: error: {err}")
     images, labels = cache.images.datasets["test"].tensors
-    costs, full_flops = cache.costs, cache.full_flops
+    costs, full_flops = cache.costs, cache.full_cost
     val_saved = evaluate_exits(agent.greedy_exits(clean["val"], agent_weight), clean["val"], costs,
                                full_flops)["flops_saved_pct"]
     thresholds = tune_thresholds(confidence_scores(clean["val"].logits, "max_softmax"), clean["val"], costs,

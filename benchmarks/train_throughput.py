@@ -25,8 +25,8 @@ from lightning.pytorch.callbacks import Callback
 
 from early_exit.cli import EarlyExitCLI, default_precision
 from early_exit.data import augment
+from early_exit.engine import describe_device
 from early_exit.files import write_json
-from early_exit.report import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

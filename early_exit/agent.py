@@ -197,7 +197,8 @@ class ExitAgent(L.LightningModule):
     savings. ``class_aware`` adds the softmax vectors of the exits passed to the state (``exit_features``).
 
     Its data module (``trainer.datamodule``, an ``ExitCache``) sets the sizes of its states (``num_exits``,
-    ``num_classes``), the FLOPs of each exit (``costs``, ``full_flops``) and the exit outputs the
+    ``num_classes``), the cost of answering at each exit (``costs``, ``full_cost``: FLOPs, or seconds from a
+    latency profile, ``ExitCache.costs``) and the exit outputs the
     environment replays (``train_outputs``); its validation and test batches are whole cached splits.
     Checkpoints are selected by the mean validation reward at ``curve_points`` weights, on the plain
     validation images, the ones the threshold baselines are tuned on; the test split serves the report only.
@@ -256,8 +257,8 @@ class ExitAgent(L.LightningModule):
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
         self.build(data.num_exits, data.num_classes)
-        self.costs, self.full_flops = data.costs, data.full_flops
-        self.step_costs = (self.costs.diff(prepend=self.costs.new_zeros(1)) / self.full_flops).float()
+        self.costs, self.full_cost = data.costs, data.full_cost
+        self.step_costs = (self.costs.diff(prepend=self.costs.new_zeros(1)) / self.full_cost).float()
         if stage == "fit":
             source = data.train_outputs
             self.env = ExitEnvironment(self.features(source.logits), source.correct(), self.step_costs,
@@ -362,7 +363,7 @@ class ExitAgent(L.LightningModule):
     def policy_metrics(self, outputs: ExitOutputs, compute_weight: float) -> dict[str, float]:
         """Accuracy, FLOPs saved, mean reward and exit shares of the greedy policy at ``compute_weight``."""
         exits = self.greedy_exits(outputs, compute_weight)
-        result = evaluate_exits(exits, outputs, self.costs, self.full_flops)
+        result = evaluate_exits(exits, outputs, self.costs, self.full_cost)
         right = outputs.correct().gather(1, exits[:, None]).squeeze(1)
         returns = episode_returns(right, exits, self.step_costs, compute_weight, self.hparams.reward_correct,
                                   self.hparams.reward_wrong)
@@ -375,7 +376,7 @@ class ExitAgent(L.LightningModule):
         the mean reward at ``curve_points`` weights evenly spread over the training range."""
         val = ExitOutputs(*(t.cpu() for t in batch))
         switch = self.switch_weights(val.logits)
-        self.curve.copy_(operating_curve(switch, val.correct(), self.costs, self.full_flops, self.weight_range()[0]))
+        self.curve.copy_(operating_curve(switch, val.correct(), self.costs, self.full_cost, self.weight_range()[0]))
         metrics = {f"val/{k}": v for k, v in self.policy_metrics(val, self.operating_weight(clamp=True)).items()}
         weights = torch.linspace(*self.weight_range(), self.hparams.curve_points).tolist()
         metrics["val/reward"] = sum(self.policy_metrics(val, w)["reward"] for w in weights) / len(weights)

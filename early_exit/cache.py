@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from early_exit.checkpoint import data_args, init_args, read_checkpoint
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.data import CIFAR10_CLASSES, CIFAR10DataModule, normalize, random_crop_flip
+from early_exit.engine import latency_costs
 from early_exit.errors import InputError
 from early_exit.evaluation import ExitOutputs, path_flops
-from early_exit.files import write_atomic
+from early_exit.files import read_json, write_atomic
 
 
 def file_digest(path: Path) -> str:
@@ -90,6 +91,9 @@ class ExitCache(L.LightningDataModule):
     computed in ``prepare_data`` (once per node) under ``cache_dir``, named by the checkpoint's content hash
     and the data's fingerprint, so other weights or other images never read a cache built for different ones.
 
+    ``costs``, a latency profile written by `eecnn-latency`, makes each exit's measured seconds the cost the
+    agent trains against (and its FLOPs-saving target a saving of time) instead of its FLOPs.
+
     Batches: validation and test yield their whole split as one (logits, labels) batch; training yields an
     endless count of environment steps (the agent replays ``train_outputs``): ``--trainer.limit_train_batches``
     sets the steps per epoch.
@@ -97,7 +101,7 @@ class ExitCache(L.LightningDataModule):
 
     def __init__(self, classifier_ckpt: str, data_dir: str | None = None, download: bool | None = None,
                  batch_size: int | None = None, val_size: int | None = None, split_seed: int | None = None,
-                 val_views: int = 1, cache_dir: str = "logs/exit_cache") -> None:
+                 val_views: int = 1, cache_dir: str = "logs/exit_cache", costs: str | None = None) -> None:
         super().__init__()
         if val_views < 1:
             raise InputError(f"--data.val_views must be at least 1, got {val_views}")
@@ -125,14 +129,28 @@ class ExitCache(L.LightningDataModule):
         given = {key: self.hparams[key] for key in ("data_dir", "download", "batch_size", "val_size", "split_seed")}
         return CIFAR10DataModule(**self.loaded[1] | {k: v for k, v in given.items() if v is not None})
 
-    @property
-    def costs(self) -> Tensor:
-        """(exits,) FLOPs per image of answering at exit k through the engine."""
-        return path_flops(self.model)
+    @cached_property
+    def latency(self) -> tuple[Tensor, float] | None:
+        """The latency profile at ``costs`` (written by `eecnn-latency`) as ``engine.latency_costs``, or None."""
+        if self.hparams.costs is None:
+            return None
+        profile = read_json(Path(self.hparams.costs), "--data.costs")
+        if len(profile.get("stage_seconds", ())) != self.num_exits or len(profile.get("head_seconds", ())) != \
+                self.num_exits:
+            raise InputError(f"{self.hparams.costs} is not a latency profile of a classifier with {self.num_exits} "
+                             "exits: write one with `eecnn-latency CLASSIFIER_CKPT OUT.json` for --data.costs")
+        return latency_costs(profile["stage_seconds"], profile["head_seconds"])
 
     @property
-    def full_flops(self) -> float:
-        return float(self.model.exit_flops[-1])
+    def costs(self) -> Tensor:
+        """(exits,) the cost per image of answering at exit k through the engine, what the agent trains against:
+        its FLOPs (stages and heads up to k) or, with a latency profile, its seconds."""
+        return path_flops(self.model) if self.latency is None else self.latency[0]
+
+    @property
+    def full_cost(self) -> float:
+        """The full network's cost (every stage, the final head), in the unit of ``costs``."""
+        return float(self.model.exit_flops[-1]) if self.latency is None else self.latency[1]
 
     @property
     def model(self) -> nn.Module:

@@ -6,9 +6,11 @@ and answers per image whether to stop at exit k. The agent and the threshold rul
 """
 
 import copy
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +123,16 @@ class EarlyExitEngine:
         return self.model.exits[-1](x)
 
 
+def describe_device(device: torch.device) -> str:
+    """The device's kind and model, so that throughput figures say where they were measured."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"cpu ({names[0] if names else platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def synchronize() -> None:
     """Wait for the GPU, if one is in use, so that a timer reads its work as done (and costs nothing otherwise:
     asking whether CUDA is available takes longer than an exit head at one image)."""
@@ -175,9 +187,15 @@ def stage_seconds(model: EarlyExitCNN, images: Tensor, batch_size: int) -> tuple
     return [t / len(images) for t in stages], [t / len(images) for t in heads]
 
 
-def time_ideal_ratio(stages: list[float], heads: list[float], exits: Tensor) -> float:
-    """The full network's time (every stage, the final head) over the mean time of answering each image at its
-    ``exits`` (stages and heads up to it) with the ``stage_seconds``: what an engine that costs nothing but
-    its stages and heads would gain."""
+def latency_costs(stages: list[float], heads: list[float]) -> tuple[Tensor, float]:
+    """(exits,) seconds per image of answering at exit k through the engine (stages and heads up to k), and the
+    full network's (every stage, the final head), from ``stage_seconds``."""
     path = torch.tensor(stages, dtype=torch.float64).add(torch.tensor(heads, dtype=torch.float64)).cumsum(0)
-    return (sum(stages) + heads[-1]) / path[exits.cpu()].mean().item()
+    return path, sum(stages) + heads[-1]
+
+
+def time_ideal_ratio(stages: list[float], heads: list[float], exits: Tensor) -> float:
+    """The full network's time over the mean time of answering each image at its ``exits`` with the
+    ``stage_seconds``: what an engine that costs nothing but its stages and heads would gain."""
+    path, full = latency_costs(stages, heads)
+    return full / path[exits.cpu()].mean().item()

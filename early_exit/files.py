@@ -1,4 +1,5 @@
-"""Writing output files atomically: readers never see a half-written file, and a failure keeps the old one."""
+"""Writing output files atomically (readers never see a half-written file, and a failure keeps the old one), and
+reading the JSON files eecnn writes."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from early_exit.errors import InputError
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -30,3 +33,16 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, value: object) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def read_json(path: Path, option: str) -> dict:
+    """A JSON object from ``path``, or an InputError naming the command-line ``option`` to fix."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist: check {option}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} is not readable JSON ({err}): check {option}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} holds no JSON object: check {option}")
+    return value

@@ -7,7 +7,6 @@ on the same images, and the throughput from timing the engine against the plain 
 """
 
 import itertools
-import platform
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from early_exit.curves import Curves, training_curves
 from early_exit.data import normalize
-from early_exit.engine import EarlyExitEngine, EarlyExitResult, images_per_second
+from early_exit.engine import EarlyExitEngine, EarlyExitResult, describe_device, images_per_second
 from early_exit.evaluation import ExitOutputs, baselines, evaluate_exits, policy_exits
 from early_exit.files import write_atomic, write_json
 
@@ -30,16 +29,6 @@ def run_engine(engine: EarlyExitEngine, images: Tensor, batch_size: int = 256) -
     results: list[EarlyExitResult] = []
     throughput = images_per_second(lambda batch: results.append(engine(normalize(batch))), images, batch_size)
     return EarlyExitResult.cat(results[1:]), throughput  # the warm-up batch ran twice
-
-
-def describe_device(device: torch.device) -> str:
-    """The device's kind and model, so that throughput figures say where they were measured."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return f"cpu ({names[0] if names else platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def build_report(result: EarlyExitResult, outputs: ExitOutputs, classes: list[str], baselines: list[dict],
@@ -72,7 +61,8 @@ def build_report(result: EarlyExitResult, outputs: ExitOutputs, classes: list[st
         "confidence": [{"mean": c.mean().item(), "std": c.std().item()} for c in confidence.T],
         "effectiveness": accuracy * saved / 100,
         "prediction_changes": (predictions[:, 1:] != predictions[:, :-1]).sum(0).tolist(),
-        "baselines": [{key: b[key] for key in ("name", "accuracy", "flops_saved_pct")} for b in baselines],
+        "baselines": [{key: b[key] for key in ("name", "accuracy", "flops_saved_pct", "time_saved_pct") if key in b}
+                      for b in baselines],
         "throughput": throughput,
     }
 
@@ -95,15 +85,27 @@ def evaluate_engine(engine: EarlyExitEngine, images: Tensor, outputs: ExitOutput
     return result, build_report(result, outputs, classes, baselines, throughput, engine.full_flops)
 
 
+def time_saved(distribution: list[float], latency: tuple[Tensor, float]) -> float:
+    """The share of the full network's time (%) that exit shares ``distribution`` save, by a latency profile's
+    seconds per exit and full-network seconds (``engine.latency_costs``)."""
+    path, full = latency
+    return 100 * (1 - float(torch.tensor(distribution, dtype=torch.float64) @ path) / full)
+
+
 def policy_report(engine: EarlyExitEngine, images: Tensor, val: ExitOutputs, test: ExitOutputs, classes: list[str],
-                  batch_size: int = 256) -> dict:
+                  batch_size: int = 256, latency: tuple[Tensor, float] | None = None) -> dict:
     """The report of ``engine``'s exit policy, whatever it is, on the uint8 test ``images`` whose all-exit
     outputs are ``test``; threshold baselines are tuned on ``val`` to fixed savings and to the saving the
-    policy itself reaches on ``val``, so one baseline always spends what the policy spends."""
+    policy itself reaches on ``val``, so one baseline always spends what the policy spends. With a ``latency``
+    profile, the policy and every baseline also get the time they save by it (``time_saved_pct``)."""
     own = evaluate_exits(policy_exits(engine.policy, val.logits), val, engine.costs, engine.full_flops)
     targets = sorted({20.0, 30.0, 40.0, 50.0, 60.0, round(own["flops_saved_pct"], 1)})
     others = baselines(val, test, engine.costs, engine.full_flops, tuple(targets))
+    if latency is not None:
+        others = [b | {"time_saved_pct": time_saved(b["exit_distribution"], latency)} for b in others]
     report = evaluate_engine(engine, images, test, classes, others, batch_size)[1]
+    if latency is not None:
+        report["time_saved_pct"] = time_saved(report["exit_distribution"], latency)
     return report | {"val_flops_saved_pct": own["flops_saved_pct"]}  # what a FLOPs target is held to
 
 
@@ -127,7 +129,7 @@ class EarlyExitReport(Callback):
         test = cache.outputs["test"]
         engine = EarlyExitEngine(cache.model, module.greedy_policy()).to(module.device)
         report = policy_report(engine, images, cache.outputs["val"], test, cache.classes,
-                               cache.images.hparams.batch_size)
+                               cache.images.hparams.batch_size, cache.latency)
         figures = report_figures(report, test, training_curves(cache.hparams.classifier_ckpt))
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"report/{k}": v for k, v in flatten(report).items()}, step=trainer.global_step)
@@ -149,6 +151,8 @@ def summary_table(report: dict) -> str:
         ("FLOPs saved", (f"{report['flops_saved_pct']:.1f} % ({report['mean_flops'] / 1e6:.1f} of "
                          f"{report['full_flops'] / 1e6:.1f} MFLOPs per image)")),
         ("FLOPs saved on validation", f"{report['val_flops_saved_pct']:.1f} %"),
+        *([("time saved, by the latency profile", f"{report['time_saved_pct']:.1f} %")] if "time_saved_pct" in report
+          else []),
         ("exit shares", f"{shares} %"),
         ("each exit's accuracy", f"{per_exit} %"),
         ("effectiveness", f"{report['effectiveness']:.2f}"),

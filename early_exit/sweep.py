@@ -55,7 +55,7 @@ def measure(agent: ExitAgent, cache: ExitCache, name: str) -> dict:
     saves the most) on test, with the FLOPs it saves on validation."""
     weight = agent.operating_weight(clamp=True)
     val, test = (evaluate_exits(agent.greedy_exits(cache.outputs[split], weight), cache.outputs[split], cache.costs,
-                                cache.full_flops) for split in ("val", "test"))
+                                cache.full_cost) for split in ("val", "test"))
     return {"name": name, "compute_weight": weight, **test, "val_flops_saved_pct": val["flops_saved_pct"]}
 
 
@@ -135,8 +135,8 @@ def run(classifier_ckpt: str, seeds: list[int], targets: list[float], fixed_weig
         runs.append(trained | {"compute_weight": weight})
         rows.append(measure(fixed_agent, cache, f"agent trained at compute weight {weight:g} only") | {"fixed": True})
     val, test = cache.outputs["val"], cache.outputs["test"]
-    others = baselines(val, test, cache.costs, cache.full_flops, tuple(sorted(set(GRID) | set(targets))))
-    ceiling = baselines(test, test, cache.costs, cache.full_flops, GRID)
+    others = baselines(val, test, cache.costs, cache.full_cost, tuple(sorted(set(GRID) | set(targets))))
+    ceiling = baselines(test, test, cache.costs, cache.full_cost, GRID)
     summary = summarise(rows, others, ceiling, targets)
     output.mkdir(parents=True, exist_ok=True)
     result = {"summary": summary, "runs": runs, "rows": rows + others, "tuned_on_test": ceiling}

@@ -120,3 +120,11 @@ python benchmarks/combined_exits.py results/classifier.ckpt --data "$DATA" --out
 python benchmarks/shift.py results/agent.ckpt --data "$DATA" --output results/agent/shift.json
 python benchmarks/shift.py "$(best_agent results/agent/sweep-one-view)" --data "$DATA" \
   --output results/agent/shift-one-view.json
+# 8. Time instead of FLOPs as the agent's cost (docs/agent.md, "Costs in seconds"): a latency profile at one image,
+#    an agent trained against it (seed 1, as the shipped one), and the two agents compared at equal time saved.
+eecnn-latency results/classifier.ckpt results/agent/latency-batch1.json --batch-size 1 --images 2000
+eecnn fit --config configs/agent.yaml --data.classifier_ckpt results/classifier.ckpt --data.data_dir "$DATA" \
+  --data.costs results/agent/latency-batch1.json --seed_everything 1 --trainer.logger.name latency-agent
+latency_agent=$(ls -t logs/latency-agent/version_*/checkpoints/epoch*.ckpt | head -1)
+python benchmarks/latency_costs.py results/agent.ckpt "$latency_agent" --profile results/agent/latency-batch1.json \
+  --data "$DATA" --output results/agent/latency-costs.json

@@ -31,7 +31,7 @@ class GivenExits(L.LightningDataModule):
         super().__init__()
         self.train_outputs, self.outputs = outputs, outputs
         self.num_exits, self.num_classes = outputs.num_exits, CLASSES
-        self.costs, self.full_flops = path_flops(MODEL), float(MODEL.exit_flops[-1])
+        self.costs, self.full_cost = path_flops(MODEL), float(MODEL.exit_flops[-1])
 
     def train_dataloader(self):
         return DataLoader(range(10**9), batch_size=None)  # the agent's steps; its experience is its environment

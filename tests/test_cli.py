@@ -311,3 +311,23 @@ def test_a_compiled_classifier_trains_and_its_checkpoint_loads_as_any_other(imag
     names = torch.load(ckpt, weights_only=True)["state_dict"]
     assert names and not any("_orig_mod" in name for name in names)  # compiled in place: the usual names
     run(["test", "--ckpt_path", str(ckpt), "--model.compile", "false"])
+
+
+def test_an_agent_trains_against_a_measured_latency_profile_and_reports_time_saved(trained_run, tmp_path,
+                                                                                    monkeypatch):
+    from early_exit.latency import main as latency
+
+    monkeypatch.chdir(tmp_path)
+    latency([str(trained_run / "checkpoints" / "last.ckpt"), "latency.json", "--images", "20"])
+    profile = json.loads((tmp_path / "latency.json").read_text())
+    assert len(profile["exit_seconds"]) == 2 and 0 < profile["exit_seconds"][0] < profile["exit_seconds"][1]
+    run([*agent_fit_args(trained_run), "--data.costs", "latency.json"])
+    ckpt = tmp_path / "logs" / "agent" / "version_0" / "checkpoints" / "last.ckpt"
+    run(["test", "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"])
+    report = json.loads((tmp_path / "logs" / "eecnn" / "version_0" / "report.json").read_text())
+    spent = sum(share * seconds for share, seconds in zip(report["exit_distribution"], profile["exit_seconds"]))
+    assert report["time_saved_pct"] == pytest.approx(100 * (1 - spent / profile["full_seconds"]))
+    assert all("time_saved_pct" in b for b in report["baselines"])
+    (tmp_path / "other.json").write_text('{"stage_seconds": [1, 2, 3]}')
+    message = error_of([*agent_fit_args(trained_run), "--data.costs", "other.json"])
+    assert message.startswith("eecnn: error: other.json is not a latency profile of a classifier with 2 exits")

@@ -151,6 +151,17 @@ def test_eecnn_test_reproduces_the_shipped_report(tmp_path, monkeypatch):
     assert fresh["per_exit_accuracy"] == pytest.approx(shipped["per_exit_accuracy"], abs=0.1)
 
 
+def test_docs_latency_table_quotes_every_row_of_the_latency_benchmark():
+    rows = json.loads((RESULTS / "agent" / "latency-costs.json").read_text())["rows"]
+    table = re.search(r"<!-- latency-table -->(.*?)<!-- /latency-table -->", (ROOT / "docs" / "agent.md").read_text(),
+                      re.DOTALL).group(1)
+    lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    measured = [f"{row['measured_time_saved_pct']:.1f} %" if "measured_time_saved_pct" in row else "" for row in rows]
+    assert lines == [[f"{row['target']:g} %", row["policy"], f"{row['accuracy']:.2f} %",
+                      f"{row['flops_saved_pct']:.1f} %", f"{row['time_saved_pct']:.1f} %", wall]
+                     for row, wall in zip(rows, measured, strict=True)]
+
+
 def test_docs_shift_table_quotes_every_copy_of_the_shift_benchmark():
     rows = json.loads((RESULTS / "agent" / "shift.json").read_text())["rows"]
     table = re.search(r"<!-- shift-table -->(.*?)<!-- /shift-table -->", (ROOT / "docs" / "agent.md").read_text(),

@@ -32,7 +32,7 @@ def test_sweep_measures_one_agent_per_seed_along_the_curve_against_thresholds(tr
         for row in (r for r in rows if r.get("seed") == int(run["name"][-1])):
             agent.hparams.target_flops_saved = row["target"]
             exits = agent.greedy_exits(test, agent.operating_weight(clamp=True))
-            expected = evaluate_exits(exits, test, cache.costs, cache.full_flops)
+            expected = evaluate_exits(exits, test, cache.costs, cache.full_cost)
             assert row["accuracy"] == expected["accuracy"] and row["flops_saved_pct"] == expected["flops_saved_pct"]
     for summary in result["summary"]:
         points = [r for r in rows if r.get("target") == summary["target_flops_saved"]]
