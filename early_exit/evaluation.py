@@ -165,9 +165,11 @@ def oracle_exits(outputs: ExitOutputs) -> Tensor:
 
 def baselines(val: ExitOutputs, test: ExitOutputs, costs: Tensor, full_flops: float,
               targets: tuple[float, ...] = (20.0, 30.0, 40.0, 50.0, 60.0),
-              kinds: tuple[str, ...] = ("max_softmax", "entropy")) -> list[dict]:
+              kinds: tuple[str, ...] = ("max_softmax", "entropy"),
+              tuning: tuple[Tensor, float] | None = None) -> list[dict]:
     """Fixed-exit, oracle and threshold policies (one per confidence score in ``kinds``), thresholds tuned on
-    ``val`` and measured on ``test``."""
+    ``val`` to save ``targets`` % of ``costs`` (of another cost, e.g. seconds, with ``tuning``: its costs and
+    full network's) and measured on ``test``."""
     results = [{"name": f"always exit {k + 1}",
                 **evaluate_exits(torch.full((len(test.labels),), k), test, costs, full_flops)}
                for k in range(test.num_exits)]
@@ -175,9 +177,10 @@ def baselines(val: ExitOutputs, test: ExitOutputs, costs: Tensor, full_flops: fl
     for kind in kinds:
         val_scores, test_scores = confidence_scores(val.logits, kind), confidence_scores(test.logits, kind)
         for target in targets:
-            thresholds = tune_thresholds(val_scores, val, costs, full_flops, target)
+            thresholds = tune_thresholds(val_scores, val, *(tuning or (costs, full_flops)), target)
             exits = threshold_exits(test_scores, thresholds)
-            results.append({"name": f"{kind} >= {target:g}% saved", "thresholds": thresholds.tolist(),
+            saving = "saved" if tuning is None else "of time saved"
+            results.append({"name": f"{kind} >= {target:g}% {saving}", "thresholds": thresholds.tolist(),
                             **evaluate_exits(exits, test, costs, full_flops)})
     return results
 

@@ -97,10 +97,12 @@ def policy_report(engine: EarlyExitEngine, images: Tensor, val: ExitOutputs, tes
     """The report of ``engine``'s exit policy, whatever it is, on the uint8 test ``images`` whose all-exit
     outputs are ``test``; threshold baselines are tuned on ``val`` to fixed savings and to the saving the
     policy itself reaches on ``val``, so one baseline always spends what the policy spends. With a ``latency``
-    profile, the policy and every baseline also get the time they save by it (``time_saved_pct``)."""
+    profile (the cost an agent trained with ``--data.costs`` trades against) the thresholds are tuned to savings
+    of its time instead, and the policy and every baseline also get the time they save (``time_saved_pct``)."""
     own = evaluate_exits(policy_exits(engine.policy, val.logits), val, engine.costs, engine.full_flops)
-    targets = sorted({20.0, 30.0, 40.0, 50.0, 60.0, round(own["flops_saved_pct"], 1)})
-    others = baselines(val, test, engine.costs, engine.full_flops, tuple(targets))
+    own_saving = own["flops_saved_pct"] if latency is None else time_saved(own["exit_distribution"], latency)
+    targets = sorted({20.0, 30.0, 40.0, 50.0, 60.0, round(own_saving, 1)})
+    others = baselines(val, test, engine.costs, engine.full_flops, tuple(targets), tuning=latency)
     if latency is not None:
         others = [b | {"time_saved_pct": time_saved(b["exit_distribution"], latency)} for b in others]
     report = evaluate_engine(engine, images, test, classes, others, batch_size)[1]

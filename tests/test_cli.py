@@ -328,6 +328,7 @@ def test_an_agent_trains_against_a_measured_latency_profile_and_reports_time_sav
     spent = sum(share * seconds for share, seconds in zip(report["exit_distribution"], profile["exit_seconds"]))
     assert report["time_saved_pct"] == pytest.approx(100 * (1 - spent / profile["full_seconds"]))
     assert all("time_saved_pct" in b for b in report["baselines"])
+    assert "max_softmax >= 40% of time saved" in {b["name"] for b in report["baselines"]}  # tuned on its seconds
     (tmp_path / "other.json").write_text('{"stage_seconds": [1, 2, 3]}')
     message = error_of([*agent_fit_args(trained_run), "--data.costs", "other.json"])
     assert message.startswith("eecnn: error: other.json is not a latency profile of a classifier with 2 exits")
