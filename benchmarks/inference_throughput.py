@@ -54,17 +54,18 @@ def main() -> None:
     parser.add_argument("--single-images", type=int, default=2000,
                         help="images timed one at a time (the one-image rows run this many, not all 10,000)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the engine runs: cpu, cuda ...")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
-    predictor = EarlyExitPredictor.from_checkpoint(args.agent)
+    predictor = EarlyExitPredictor.from_checkpoint(args.agent, device=args.device)
     engine, agent = predictor.engine, predictor.policy
     weight = agent.operating_weight()
     before = type(engine)(predictor.classifier.model, lambda seen: agent.stops(seen, weight)[:, -1])
     data = CIFAR10DataModule(args.data, download=False)
     data.prepare_data()
     data.setup("test")
-    images = normalize(data.datasets["test"].tensors[0])
+    images = normalize(data.datasets["test"].tensors[0].to(args.device))
     singles = images[:args.single_images]
     batch = args.batch_size
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from early_exit.data import CIFAR10DataModule, TensorBatches, augment
-from early_exit.engine import describe_device
+from early_exit.engine import describe_device, synchronize
 from early_exit.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,7 @@ def images_per_second(loader, augmented: bool) -> float:
         if augmented:
             augment(images, 4, True, 8)
         seen += len(images)
+    synchronize()
     return seen / (time.perf_counter() - start)
 
 
@@ -40,12 +41,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the images are held and augmented: cpu, cuda ...")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     data = CIFAR10DataModule(args.data, download=False)
     data.prepare_data()
     data.setup("fit")
-    train = data.datasets["train"]
+    train = TensorDataset(*(t.to(args.device) for t in data.datasets["train"].tensors))
     loaders = {"per-sample DataLoader": lambda: DataLoader(train, batch_size=args.batch_size, shuffle=True),
                "one index per batch": lambda: TensorBatches(train, args.batch_size, shuffle=True)}
     rows = {f"{name}{', with augmentation' if augmented else ''}": (make, augmented)
@@ -57,7 +59,7 @@ def main() -> None:
     result = {name: statistics.median(values) for name, values in speeds.items()}
     figures = {"images_per_s": result, "speedup_alone": result["one index per batch"] / result["per-sample DataLoader"],
                "batch_size": args.batch_size, "images": len(train), "rounds": args.rounds,
-               "device": describe_device(torch.device("cpu")), "torch": torch.__version__}
+               "device": describe_device(torch.device(args.device)), "torch": torch.__version__}
     width = max(map(len, result)) + 2
     print(f"\n{'training batches, one epoch':<{width}}{'images/s':>12}")
     for name, speed in result.items():
