@@ -6,6 +6,7 @@ runs the CNN with this agent as its policy (``early_exit.engine``).
 """
 
 import copy
+import math
 
 import lightning as L
 import torch
@@ -84,34 +85,50 @@ def episode_returns(right: Tensor, exits: Tensor, step_costs: Tensor, compute_we
 class GreedyPolicy(nn.Module):
     """An agent's greedy policy at one compute weight, as the early-exit engine asks it: for (n, k, classes)
     logits of the exits passed so far, whether each image stops at exit k. It decides what
-    ``ExitAgent.stops`` decides, the Q-network reading the same state, but featurises exit k alone and
-    builds the part of the state every image shares (the exit one-hot and the weight) once: a few
-    operations per exit, what an engine answering one image at a time pays for at every exit it passes."""
+    ``ExitAgent.stops`` decides, to float rounding, for a few operations per exit, which an engine answering one
+    image at a time pays at every exit it passes: only exit k is featurised, and the Q-network is folded
+    around the state's constant parts. The exit one-hot and the weight become one first-layer bias per exit;
+    the margin and the entropy's scale go into the first layer's weights (it reads the top two probabilities
+    and sum(p log p)); the two Q-values become their difference. A snapshot of the Q-network: make another
+    after it trains."""
 
-    def __init__(self, q_net: nn.Module, num_exits: int, class_aware: bool, compute_weight: float) -> None:
+    def __init__(self, q_net: nn.Sequential, num_exits: int, num_classes: int, class_aware: bool,
+                 compute_weight: float) -> None:
         super().__init__()
         self.q_net, self.num_exits, self.class_aware = q_net, num_exits, class_aware
         self.compute_weight = compute_weight
-        shared = torch.cat([torch.eye(num_exits), torch.full((num_exits, 1), compute_weight)], dim=1)
-        self.register_buffer("shared", shared, persistent=False)  # row k: exit k's one-hot and the weight
-        # The layers' weights, called as functions: looking them up and calling modules costs microseconds,
-        # which one image pays at every exit. Moving the Q-network moves these tensors in place.
-        self.layers = [(layer.weight, layer.bias) for layer in q_net if isinstance(layer, nn.Linear)]
+        first, hidden, last = (layer for layer in q_net if isinstance(layer, nn.Linear))
+        with torch.no_grad():
+            weight, scalars = first.weight, NUM_CONFIDENCE_FEATURES
+            folded = {  # top-1 p, top-2 p, sum(p log p), agreement: the features, rearranged, times these columns
+                "input_weight": torch.stack([weight[:, 0] + weight[:, 1], -weight[:, 1],
+                                             weight[:, 2] / -math.log(num_classes), weight[:, 3]]),
+                "exit_bias": first.bias + weight[:, scalars:scalars + num_exits].T + compute_weight * weight[:, -1],
+                "hidden_weight": hidden.weight.T.contiguous(), "hidden_bias": hidden.bias.clone(),
+                "out_weight": last.weight[EXIT] - last.weight[CONTINUE],
+                "out_bias": last.bias[EXIT] - last.bias[CONTINUE]}
+        for name, tensor in folded.items():
+            self.register_buffer(name, tensor.float(), persistent=False)
 
     def forward(self, seen: Tensor) -> Tensor:
         if torch.is_autocast_enabled(seen.device.type):  # bf16 Q-values would flip close validated decisions
             with torch.autocast(seen.device.type, enabled=False):
                 return self(seen.float())
-        n, k, _ = seen.shape
+        k = seen.shape[1]
         if self.class_aware:  # the state holds every exit passed: featurise them all
             state = with_weight(exit_features(seen, self.num_exits, True)[:, -1], torch.tensor(self.compute_weight))
-        else:
-            previous = seen[:, -2].argmax(-1) if k > 1 else -1
-            shared = self.shared[k - 1 : k] if n == 1 else self.shared[k - 1].expand(n, -1)
-            state = torch.cat([confidence_features(seen[:, -1].float(), previous), shared], dim=1)
-        for i, (weight, bias) in enumerate(self.layers):
-            state = F.linear(state if i == 0 else F.relu(state), weight, bias)
-        return state[:, EXIT] >= state[:, CONTINUE]
+            q = self.q_net(state)
+            return q[:, EXIT] >= q[:, CONTINUE]
+        logits = seen[:, -1].float()
+        log_probs = logits.log_softmax(-1)
+        probs = log_probs.exp()
+        sum_p_log_p = (probs * log_probs).sum(-1, keepdim=True)
+        previous = seen[:, -2].argmax(-1, keepdim=True) if k > 1 else -1
+        agrees = (logits.argmax(-1, keepdim=True) == previous).float()
+        features = torch.cat([probs.topk(2, dim=-1).values, sum_p_log_p, agrees], dim=1)
+        hidden = torch.addmm(self.exit_bias[k - 1], features, self.input_weight).relu_()
+        hidden = torch.addmm(self.hidden_bias, hidden, self.hidden_weight).relu_()
+        return torch.addmv(self.out_bias, hidden, self.out_weight) >= 0
 
 
 class ExitEnvironment:
@@ -317,7 +334,8 @@ class ExitAgent(L.LightningModule):
     def greedy_policy(self, compute_weight: float | None = None) -> GreedyPolicy:
         """The greedy policy at ``compute_weight`` (by default the operating weight), for the engine."""
         weight = self.operating_weight() if compute_weight is None else compute_weight
-        return GreedyPolicy(self.q_net, self.sizes["num_exits"], self.hparams.class_aware, weight).to(self.device)
+        return GreedyPolicy(self.q_net, self.sizes["num_exits"], self.sizes["num_classes"], self.hparams.class_aware,
+                            weight).to(self.device)
 
     def forward(self, logits: Tensor, compute_weight: float | None = None) -> Tensor:
         """``greedy_policy``'s decision for (n, k, classes) logits of the exits passed so far: whether each image

@@ -177,12 +177,16 @@ class ExitCache(L.LightningDataModule):
     def stage_splits(self, stage: str) -> tuple[str, ...]:
         return {"fit": (self.train_split, "val"), "validate": ("val",), "test": ("val", "test")}.get(stage, ())
 
+    @cached_property
+    def stem(self) -> str:
+        """What names this classifier's exit outputs on these images: the checkpoint's and the data's hashes."""
+        return f"exits-{file_digest(Path(self.hparams.classifier_ckpt))}-data{self.images.fingerprint()}"
+
     def path(self, split: str) -> Path:
         h, augment = self.hparams, self.images.hparams
-        stem = f"exits-{file_digest(Path(h.classifier_ckpt))}-data{self.images.fingerprint()}"
         if split == "val_views":
             split = f"val_views{h.val_views}-crop{augment.crop_padding}{'-flip' if augment.horizontal_flip else ''}"
-        return Path(h.cache_dir) / f"{stem}-{split}.pt"
+        return Path(h.cache_dir) / f"{self.stem}-{split}.pt"
 
     def compute(self, splits: tuple[str, ...]) -> None:
         """Run the classifier on those of ``splits`` that have no cache file yet, and save them."""

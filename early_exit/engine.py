@@ -105,6 +105,8 @@ class EarlyExitEngine:
             else:
                 seen = torch.cat([seen, current], dim=1)
             stop = torch.ones(len(x), dtype=torch.bool, device=x.device) if k == last else self.policy(seen)
+            if not stop.any():  # all go on: no copy of the batch's activations
+                continue
             exits[running[stop]] = k
             answer[running[stop]] = seen[stop, -1]
             keep = ~stop
