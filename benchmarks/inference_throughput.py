@@ -4,7 +4,8 @@
     python benchmarks/inference_throughput.py --agent results/agent.ckpt \\
         --output results/benchmarks/inference-throughput.json
 
-Rows, each after a warm-up, all on the same frozen weights and images in this process:
+Rows, each after a warm-up, all on the same frozen weights and images in this process, the images normalised and
+in the network's channels-last layout beforehand:
 - engine: `EarlyExitEngine` with the agent's greedy policy; each stage runs only on the images still going,
   and one image takes the engine's one-image path;
 - engine, as before this release: the same engine through its batch path, with a policy that featurises
@@ -15,8 +16,9 @@ Rows, each after a warm-up, all on the same frozen weights and images in this pr
 
 The time-ideal ratio is the full network's time over the mean time of answering each image at its exit,
 from each stage's and head's time measured here (``engine.stage_seconds``): the speedup of an engine whose
-only cost is its stages and heads. One-image rows time ``--single-images`` images one by one and give the
-median and 90th percentile latency; ``--rounds`` repeats every row, interleaved, and keeps the median.
+only cost is its stages and heads. One-image rows time ``--single-images`` images one by one (each row a pass of
+its own, as a server answering one request after another runs), and give the median and 90th percentile latency;
+``--rounds`` repeats every row, interleaved, and keeps the median.
 """
 
 import argparse
@@ -65,7 +67,8 @@ def main() -> None:
     data = CIFAR10DataModule(args.data, download=False)
     data.prepare_data()
     data.setup("test")
-    images = normalize(data.datasets["test"].tensors[0].to(args.device))
+    # In the engine's memory layout, as a serving pipeline would decode them: no row then pays for a conversion
+    images = normalize(data.datasets["test"].tensors[0].to(args.device)).contiguous(memory_format=torch.channels_last)
     singles = images[:args.single_images]
     batch = args.batch_size
 

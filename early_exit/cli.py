@@ -286,6 +286,8 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     try:
         EarlyExitCLI(args)
+        if torch.distributed.is_initialized():  # DDP's processes leave together, not while others still write
+            torch.distributed.destroy_process_group()
     except argparse.ArgumentError as err:
         sys.exit(f"eecnn: error: {one_line(str(err))}")
     except InputError as err:
