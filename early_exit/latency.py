@@ -16,6 +16,7 @@ import torch
 from early_exit.cache import load_classifier
 from early_exit.engine import describe_device, inference_copy, latency_costs, stage_seconds
 from early_exit.errors import InputError
+from early_exit.evaluation import path_flops
 from early_exit.files import write_json
 
 
@@ -27,8 +28,9 @@ def measure_profile(classifier_ckpt: str, batch_size: int, device: str, images: 
     inputs = torch.randn(max(images, batch_size), 3, 32, 32, generator=generator)
     stages, heads = stage_seconds(model, inputs, batch_size)
     path, full = latency_costs(stages, heads)
+    flops = path_flops(model) / float(model.exit_flops[-1])  # as the engine spends them, heads passed included
     return {"stage_seconds": stages, "head_seconds": heads, "exit_seconds": path.tolist(), "full_seconds": full,
-            "flops_share": [float(f) / float(model.exit_flops[-1]) for f in model.exit_flops],
+            "flops_share": flops.tolist(),
             "batch_size": batch_size, "images": len(inputs), "device": describe_device(torch.device(device)),
             "torch": torch.__version__, "classifier_ckpt": str(classifier_ckpt)}
 
