@@ -1,16 +1,11 @@
-"""Reading eecnn checkpoints (one load, validated, with the saved model and data settings), and exporting
-slim copies to ship."""
+"""Reading eecnn checkpoints: one load, validated, with the saved model and data settings."""
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from early_exit.curves import ship_curves
 from early_exit.errors import InputError
-from early_exit.files import write_atomic
 
 PACKAGE = "early_exit."
 
@@ -67,41 +62,3 @@ def data_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     if recorded and not Path(recorded).exists() and (Path(path).parent / Path(recorded).name).is_file():
         args["classifier_ckpt"] = str(Path(path).parent / Path(recorded).name)
     return args
-
-
-SHIPPED_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "pytorch-lightning_version",
-                "exit_sizes")  # an exit agent's: what its Q-network is built for
-
-
-def export_checkpoint(source: str | Path, target: str | Path, half: bool = False) -> Path:
-    """A slim copy of an eecnn checkpoint for shipping: the weights (floating-point ones in fp16 with
-    ``half``), the model and data settings and the datamodule's state (class names), without the
-    optimiser, loop and callback state that only resuming training needs, nor the data path of the
-    machine that trained it. Written atomically; a classifier's training curves go beside it
-    (``<target>-curves.csv``), for the report's plot."""
-    checkpoint = read_checkpoint(source)
-    slim = {key: checkpoint[key] for key in SHIPPED_KEYS if key in checkpoint}
-    slim |= {key: value for key, value in checkpoint.items() if key.endswith("DataModule")}  # datamodule states
-    if "datamodule_hyper_parameters" in slim:  # a user's machine has its own data: it passes --data.data_dir
-        slim["datamodule_hyper_parameters"] = {key: value for key, value in slim["datamodule_hyper_parameters"].items()
-                                               if key not in MACHINE_KEYS}
-    if half:
-        slim["state_dict"] = {name: t.half() if t.is_floating_point() else t for name, t in slim["state_dict"].items()}
-    target = Path(target)
-    write_atomic(target, lambda file: torch.save(slim, file))
-    ship_curves(source, target)
-    return target
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``eecnn-export SOURCE TARGET [--half]``: ship a checkpoint that `eecnn test` and `eecnn predict` load."""
-    parser = argparse.ArgumentParser(prog="eecnn-export", description=export_checkpoint.__doc__)
-    parser.add_argument("source", help="a checkpoint written by `eecnn fit`")
-    parser.add_argument("target", help="where to write the slim copy")
-    parser.add_argument("--half", action="store_true", help="store floating-point weights in fp16")
-    args = parser.parse_args(argv)
-    try:
-        target = export_checkpoint(args.source, args.target, args.half)
-    except InputError as err:
-        sys.exit(f"eecnn-export: error: {err}")
-    print(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB)")

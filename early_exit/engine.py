@@ -37,19 +37,49 @@ class EarlyExitResult:
         return cls(**{name: torch.cat([getattr(r, name) for r in results]).cpu() for name in vars(results[0])})
 
 
+def linear_after_batchnorm(norm: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
+    """One linear layer that computes ``linear(norm(x))``, ``norm`` in eval mode."""
+    scale = (norm.running_var + norm.eps).rsqrt()
+    shift = -norm.running_mean * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    fused = copy.deepcopy(linear)
+    with torch.no_grad():
+        fused.weight.mul_(scale)
+        fused.bias = nn.Parameter(linear.weight @ shift + (0 if linear.bias is None else linear.bias))
+    return fused
+
+
+def folded(layers: nn.Sequential) -> nn.Sequential:
+    """``layers`` in eval mode without BatchNorm layers (each folded into the conv before it or the linear layer
+    after it) or dropout (the identity)."""
+    kept: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, nn.BatchNorm2d) and kept and isinstance(kept[-1], nn.Conv2d):
+            kept[-1] = fuse_conv_bn_eval(kept[-1], layer)
+        elif isinstance(layer, nn.Linear) and kept and isinstance(kept[-1], nn.BatchNorm1d):
+            kept[-1] = linear_after_batchnorm(kept[-1], layer)
+        elif not isinstance(layer, nn.Dropout | nn.Dropout2d):
+            kept.append(layer)
+    return nn.Sequential(*kept)
+
+
+def fold_sequentials(module: nn.Module) -> None:
+    """Replace every ``nn.Sequential`` inside ``module`` with its ``folded`` form."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Sequential):
+            setattr(module, name, folded(child))
+        else:
+            fold_sequentials(child)
+
+
 def inference_copy(model: EarlyExitCNN) -> EarlyExitCNN:
-    """A frozen channels-last copy of ``model`` with every BatchNorm2d folded into the conv before it: the same
-    function in eval mode, without a memory pass per layer that costs most where activations are largest,
-    in the first stages every image runs."""
+    """A frozen channels-last copy of ``model`` with every BatchNorm folded into the conv before it or the linear
+    layer after it, and no dropout: the same function in eval mode, without a memory pass per layer that costs
+    most where activations are largest, in the first stages every image runs (and traceable with a batch whose
+    size depends on the data, which BatchNorm is not)."""
     model = copy.deepcopy(model).eval().requires_grad_(False)
-    for k, stage in enumerate(model.stages):
-        layers: list[nn.Module] = []
-        for layer in stage:
-            if isinstance(layer, nn.BatchNorm2d) and layers and isinstance(layers[-1], nn.Conv2d):
-                layers[-1] = fuse_conv_bn_eval(layers[-1], layer)
-            elif not isinstance(layer, nn.Dropout2d):  # the identity in eval mode
-                layers.append(layer)
-        model.stages[k] = nn.Sequential(*layers)
+    fold_sequentials(model)
     return model.to(memory_format=torch.channels_last)
 
 

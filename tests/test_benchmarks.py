@@ -166,3 +166,18 @@ def test_the_gpu_training_script_trains_times_and_tests_the_recipe(image_folder,
     assert figures["epochs"] == 2 and len(figures["epoch_seconds"]) == 2 and figures["train_images_per_s"] > 0
     assert len(figures["test_accuracy_per_exit"]) == 2 and all(0 <= a <= 100 for a in figures["test_accuracy_per_exit"])
     assert figures["device"].startswith("cpu")
+
+
+def test_onnx_latency_times_the_exported_models_and_checks_them_against_the_engine(trained_agent, image_folder,
+                                                                                  tmp_path):
+    output = tmp_path / "onnx.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "onnx_latency.py"), "--agent", str(trained_agent), "--data",
+                    str(image_folder), "--target", "30", "--images", "8", "--rounds", "1", "--threads", "1",
+                    "--output", str(output)], cwd=tmp_path, capture_output=True, text=True, check=True)
+    result = json.loads(output.read_text())
+    assert result["agreement_with_engine"] == {"class": 1.0, "exit": 1.0, "both": 1.0, "images": 48}
+    models = result["by_threads"]["1"]
+    assert set(models) == {"early exit, agent", "early exit, max-softmax rule", "full network"}
+    agent = models["early exit, agent"]
+    assert sum(cell["images"] for cell in agent["latency_by_exit"].values()) == 8
+    assert agent["flops_ratio"] > 1 and agent["speedup_1_image"] > 0 and 0 < agent["accuracy"] <= 100

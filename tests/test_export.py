@@ -4,8 +4,8 @@ import torch
 
 from early_exit import EarlyExitPredictor
 from early_exit.cache import load_classifier
-from early_exit.checkpoint import main as export
 from early_exit.cli import main
+from early_exit.export import main as export
 
 
 def test_exported_checkpoints_are_slim_and_test_and_predict_like_the_originals(trained_run, trained_agent,

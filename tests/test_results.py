@@ -3,18 +3,23 @@
 import inspect
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import yaml
 from PIL import Image
 
+from early_exit import CIFAR10DataModule, EarlyExitPredictor
 from early_exit.checkpoint import RETIRED_KEYS
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.cli import main
-from early_exit.data import CIFAR10_CLASSES
+from early_exit.data import CIFAR10_CLASSES, normalize
+from early_exit.engine import EarlyExitResult
+from early_exit.export import main as export
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -175,3 +180,20 @@ def test_docs_shift_table_quotes_every_copy_of_the_shift_benchmark():
                             f"{agent['wrong_early_pct']:.2f} %", f"{threshold['accuracy']:.2f} %",
                             f"{threshold['flops_saved_pct']:.1f} %", f"{threshold['wrong_early_pct']:.2f} %",
                             f"{final['accuracy']:.2f} %"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"no CIFAR-10 copy at {ARCHIVE}")
+def test_the_shipped_pair_exported_to_onnx_answers_the_test_images_as_eecnn_predict(tmp_path):
+    start = time.perf_counter()
+    export(["--format", "onnx", str(RESULTS / "agent.ckpt"), str(tmp_path / "eecnn.onnx")])
+    assert time.perf_counter() - start < 60
+    data = CIFAR10DataModule(str(ARCHIVE), download=False)
+    data.prepare_data()
+    data.setup("test")
+    images = data.datasets["test"].tensors[0]
+    labels, _, exits, _ = ort.InferenceSession(tmp_path / "eecnn.onnx").run(None, {"images": images.numpy()})
+    engine = EarlyExitPredictor.from_checkpoint(RESULTS / "agent.ckpt").engine
+    expected = EarlyExitResult.cat([engine(normalize(batch)) for batch in images.split(500)])
+    same = (labels == expected.prediction.numpy()) & (exits == expected.exit.numpy() + 1)
+    assert same.mean() >= 0.999
