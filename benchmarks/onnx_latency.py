@@ -8,10 +8,11 @@ Three models, written by `eecnn-export --format onnx` as a user would: the agent
 operating point; the classifier with the max-softmax rule tuned on validation to save ``--target`` % of FLOPs
 (it answers at exit 1 too, which the shipped agent never does); and the full network (every stage, the final exit
 only). One image at a time, each model answers every one of ``--images`` test images, one after another as a
-server answering requests does; ``--rounds`` repeats this, models interleaved, and each image keeps its median
-time. The speedup is the mean time of the full network over the model's, beside the FLOPs ratio (the full
-network's FLOPs over the model's mean FLOPs on the same images). Each of ``--threads`` measures everything again
-with that many intra-op threads per session; 0 is onnxruntime's default, a thread per physical core.
+server answering requests does, the models taking turns every 250 images; ``--rounds`` repeats this, and each
+image keeps its median time. The speedup is the mean time of the full network over the model's, beside the FLOPs
+ratio (the full network's FLOPs over the model's mean FLOPs on the same images). Each of ``--threads`` measures
+everything again with that many intra-op threads per session; 0 is onnxruntime's default, a thread per physical
+core.
 """
 
 import argparse
@@ -42,14 +43,17 @@ def answer(model: ort.InferenceSession, images: np.ndarray) -> dict[str, np.ndar
     return dict(zip(("label", "confidence", "exit", "flops"), model.run(None, {"images": images})))
 
 
-def one_by_one(model: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
-    """Seconds per image, each run alone, after one warm-up image."""
-    answer(model, images[:1])
-    times = np.empty(len(images))
-    for i in range(len(images)):
-        start = time.perf_counter()
-        answer(model, images[i:i + 1])
-        times[i] = time.perf_counter() - start
+def one_by_one(models: dict[str, ort.InferenceSession], images: np.ndarray, block: int = 250) -> dict[str, np.ndarray]:
+    """Seconds per image for every model, each image run alone; the models take turns a block of images at a time,
+    so that a change in the machine's speed meanwhile reaches them alike."""
+    times = {name: np.empty(len(images)) for name in models}
+    for first in range(0, len(images), block):
+        for name, model in models.items():
+            answer(model, images[first:first + 1])  # warm-up after the other models ran
+            for i in range(first, min(first + block, len(images))):
+                start = time.perf_counter()
+                answer(model, images[i:i + 1])
+                times[name][i] = time.perf_counter() - start
     return times
 
 
@@ -73,8 +77,9 @@ def measure(paths: dict[str, Path], pixels: np.ndarray, labels: np.ndarray, args
     times: dict[str, list[np.ndarray]] = {name: [] for name in models}
     speeds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
+        for name, seconds in one_by_one(models, singles).items():
+            times[name].append(seconds)
         for name, model in models.items():
-            times[name].append(one_by_one(model, singles))
             speeds[name].append(images_per_second(model, pixels, args.batch_size))
     latency = {name: np.median(np.stack(rounds), axis=0) for name, rounds in times.items()}  # per image
     full_mean, full_speed = latency["full network"].mean(), statistics.median(speeds["full network"])

@@ -108,6 +108,8 @@ python -c 'import json, sys; json.dump({"without_compile": json.load(open(sys.ar
 python benchmarks/loader_throughput.py --data "$DATA" --output results/benchmarks/loader-throughput.json
 python benchmarks/inference_throughput.py --agent results/agent.ckpt --data "$DATA" \
   --output results/benchmarks/inference-throughput.json
+python benchmarks/onnx_latency.py --agent results/agent.ckpt --data "$DATA" \
+  --output results/benchmarks/onnx-latency.json
 python benchmarks/agent_training.py --classifier-ckpt results/classifier.ckpt --data "$DATA" \
   --output results/benchmarks/agent-training.json
 python benchmarks/time_to_accuracy.py "$RUN" "$PREVIOUS_RUN" "$DEFAULT_RUN" "${LONG_RUNS[@]}" \

@@ -197,3 +197,14 @@ def test_the_shipped_pair_exported_to_onnx_answers_the_test_images_as_eecnn_pred
     expected = EarlyExitResult.cat([engine(normalize(batch)) for batch in images.split(500)])
     same = (labels == expected.prediction.numpy()) & (exits == expected.exit.numpy() + 1)
     assert same.mean() >= 0.999
+
+
+def test_docs_onnx_table_quotes_the_onnx_latency_file():
+    measured = json.loads((RESULTS / "benchmarks" / "onnx-latency.json").read_text())["by_threads"]
+    table = re.search(r"<!-- onnx-latency-table -->(.*?)<!-- /onnx-latency-table -->",
+                      (ROOT / "docs" / "benchmarks.md").read_text(), re.DOTALL).group(1)
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if re.match(r"\| (default|\d+) \|", line)]
+    expected = [[threads, name, *(f"{row[key]:.3f} ms" for key in ("mean_ms", "median_ms", "p90_ms")),
+                 *(f"{row.get(key, 1.0):.2f}x" for key in ("speedup_1_image", "flops_ratio", "speedup_batch"))]
+                for threads, models in measured.items() for name, row in models.items()]
+    assert rows == expected
