@@ -197,7 +197,7 @@ def export(args: argparse.Namespace) -> str:
             raise InputError(f"{args.source} is an exit agent, whose policy it exports: drop --policy and --data-dir "
                              "(they tune a threshold rule for a classifier checkpoint)")
         graph, classes, metadata = agent_graph(args.source, args.classifier_ckpt, args.compute_weight,
-                                                   args.target_flops_saved)
+                                               args.target_flops_saved)
     else:
         if args.compute_weight is not None or args.classifier_ckpt is not None:
             raise InputError(f"{args.source} is a classifier: --compute-weight and --classifier-ckpt are for an exit "
