@@ -59,6 +59,7 @@ def data_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
         for key in MACHINE_KEYS:
             args.pop(key, None)
     recorded = args.get("classifier_ckpt")
-    if recorded and not Path(recorded).exists() and (Path(path).parent / Path(recorded).name).is_file():
-        args["classifier_ckpt"] = str(Path(path).parent / Path(recorded).name)
+    beside = Path(path).parent / Path(recorded or "").name
+    if recorded and not Path(recorded).exists() and beside.is_file() and not beside.samefile(path):
+        args["classifier_ckpt"] = str(beside)  # not the agent itself, when both are called last.ckpt
     return args

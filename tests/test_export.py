@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from early_exit import EarlyExitPredictor
@@ -52,3 +53,13 @@ def test_a_shipped_agent_finds_its_classifier_beside_it_from_any_folder(trained_
     main(["predict", "--ckpt_path", "agent.ckpt", str(image), "--trainer.enable_progress_bar", "false"])
     assert "cross" in capsys.readouterr().out
     assert EarlyExitPredictor.from_checkpoint("agent.ckpt").predict(image)[0]["class"] == "cross"
+
+
+def test_an_agent_whose_classifier_moved_is_not_taken_for_its_own_classifier(trained_agent, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the classifier's recorded path does not exist
+    saved = torch.load(trained_agent, weights_only=True)
+    saved["datamodule_hyper_parameters"]["classifier_ckpt"] = "gone/checkpoints/last.ckpt"  # named as the agent is
+    torch.save(saved, tmp_path / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--ckpt_path", "last.ckpt", "--trainer.enable_progress_bar", "false"])
+    assert "gone/checkpoints/last.ckpt does not exist" in str(exit_info.value.code)
