@@ -27,7 +27,7 @@ import torch
 
 from early_exit.checkpoint import data_args, read_checkpoint
 from early_exit.data import CIFAR10DataModule, normalize
-from early_exit.engine import EarlyExitResult, describe_device
+from early_exit.engine import EarlyExitResult, describe_device, images_per_second, seconds_per_image
 from early_exit.export import EarlyExitGraph, agent_graph, export_onnx, threshold_graph
 from early_exit.files import write_json
 from early_exit.inference import EarlyExitPredictor
@@ -39,48 +39,41 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(path, options)
 
 
-def answer(model: ort.InferenceSession, images: np.ndarray) -> dict[str, np.ndarray]:
-    return dict(zip(("label", "confidence", "exit", "flops"), model.run(None, {"images": images})))
+def answer(model: ort.InferenceSession, images: torch.Tensor) -> dict[str, np.ndarray]:
+    return dict(zip(("label", "confidence", "exit", "flops"), model.run(None, {"images": images.numpy()})))
 
 
-def one_by_one(models: dict[str, ort.InferenceSession], images: np.ndarray, block: int = 250) -> dict[str, np.ndarray]:
-    """Seconds per image for every model, each image run alone; the models take turns a block of images at a time,
-    so that a change in the machine's speed meanwhile reaches them alike."""
-    times = {name: np.empty(len(images)) for name in models}
-    for first in range(0, len(images), block):
+def in_batches(model: ort.InferenceSession, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    parts = [answer(model, batch) for batch in images.split(batch_size)]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def one_by_one(models: dict[str, ort.InferenceSession], images: torch.Tensor,
+               block: int = 250) -> dict[str, np.ndarray]:
+    """Seconds per image for every model, each image run alone; the models take turns a block of images at a time
+    (each block after a warm-up image), so that a change in the machine's speed meanwhile reaches them alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for chunk in images.split(block):
         for name, model in models.items():
-            answer(model, images[first:first + 1])  # warm-up after the other models ran
-            for i in range(first, min(first + block, len(images))):
-                start = time.perf_counter()
-                answer(model, images[i:i + 1])
-                times[name][i] = time.perf_counter() - start
-    return times
+            times[name] += seconds_per_image(lambda image, model=model: answer(model, image), chunk)
+    return {name: np.array(seconds) for name, seconds in times.items()}
 
 
-def images_per_second(model: ort.InferenceSession, images: np.ndarray, batch_size: int) -> float:
-    answer(model, images[:batch_size])
-    start = time.perf_counter()
-    for first in range(0, len(images), batch_size):
-        answer(model, images[first:first + batch_size])
-    return len(images) / (time.perf_counter() - start)
-
-
-def measure(paths: dict[str, Path], pixels: np.ndarray, labels: np.ndarray, args: argparse.Namespace,
-            threads: int, full_flops: float) -> dict[str, dict]:
-    """Every model's figures with ``threads`` intra-op threads, and the early-exit ones' against the full network."""
+def measure(paths: dict[str, Path], images: torch.Tensor, labels: torch.Tensor,
+            answers: dict[str, dict[str, np.ndarray]], args: argparse.Namespace, threads: int,
+            full_flops: float) -> dict[str, dict]:
+    """Every model's timings with ``threads`` intra-op threads, and the early-exit ones' against the full network;
+    ``answers`` are the models' outputs on ``images``."""
     models = {name: session(path, threads) for name, path in paths.items()}
-    answers = {name: [answer(model, pixels[i:i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)]
-               for name, model in models.items()}
-    answers = {name: {key: np.concatenate([a[key] for a in parts]) for key in parts[0]}
-               for name, parts in answers.items()}
-    singles = pixels[:args.images]
+    singles = images[:args.images]
     times: dict[str, list[np.ndarray]] = {name: [] for name in models}
     speeds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, seconds in one_by_one(models, singles).items():
             times[name].append(seconds)
         for name, model in models.items():
-            speeds[name].append(images_per_second(model, pixels, args.batch_size))
+            speeds[name].append(images_per_second(lambda batch, model=model: answer(model, batch), images,
+                                                  args.batch_size))
     latency = {name: np.median(np.stack(rounds), axis=0) for name, rounds in times.items()}  # per image
     full_mean, full_speed = latency["full network"].mean(), statistics.median(speeds["full network"])
     figures: dict[str, dict] = {}
@@ -88,7 +81,7 @@ def measure(paths: dict[str, Path], pixels: np.ndarray, labels: np.ndarray, args
         seconds, exits = latency[name], answers[name]["exit"][:len(singles)]
         row = {"mean_ms": 1e3 * seconds.mean(), "median_ms": 1e3 * np.median(seconds),
                "p90_ms": 1e3 * np.quantile(seconds, 0.9), "images_per_s_batch": statistics.median(speeds[name]),
-               "accuracy": 100 * (answers[name]["label"] == labels).mean()}
+               "accuracy": 100 * (answers[name]["label"] == labels.numpy()).mean()}
         if name != "full network":
             flops_ratio = full_flops / answers[name]["flops"][:len(singles)].mean()
             by_exit = {str(k): {"images": int((exits == k).sum()), "median_ms": 1e3 * np.median(seconds[exits == k])}
@@ -130,10 +123,12 @@ def main() -> None:
     paths["early exit, max-softmax rule"] = export_onnx(rule, folder / "rule.onnx", classes, rule_metadata)
     paths["full network"] = export_onnx(EarlyExitGraph(graph.model), folder / "full.onnx", classes, {})
 
+    answers = {name: in_batches(session(path, 0), images, args.batch_size) for name, path in paths.items()}
+
     # Agreement with eecnn's engine, which `eecnn predict` runs, on every test image.
     engine = EarlyExitPredictor.from_checkpoint(args.agent).engine
     expected = EarlyExitResult.cat([engine(normalize(chunk)) for chunk in images.split(args.batch_size)])
-    exported = answer(session(paths["early exit, agent"], 0), images.numpy())
+    exported = answers["early exit, agent"]
     same_class, same_exit = exported["label"] == expected.prediction.numpy(), \
         exported["exit"] == expected.exit.numpy() + 1
     print(f"agreement with the engine on {len(images)} test images: classes {100 * same_class.mean():.2f} %, "
@@ -149,7 +144,7 @@ def main() -> None:
         "by_threads": {},
     }
     for threads in args.threads:
-        figures = measure(paths, images.numpy(), labels.numpy(), args, threads, float(graph.model.exit_flops[-1]))
+        figures = measure(paths, images, labels, answers, args, threads, float(graph.model.exit_flops[-1]))
         result["by_threads"][str(threads or "default")] = figures
         print(f"\nonnxruntime, {threads or 'default'} intra-op threads")
         print(f"{'model':<30}{'mean ms':>9}{'median':>9}{'p90':>9}{'img/s':>9}{'speedup':>9}{'FLOPs ratio':>13}")

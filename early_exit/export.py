@@ -21,14 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from early_exit.agent import ExitAgent
-from early_exit.cache import ExitCache, load_classifier
-from early_exit.checkpoint import MACHINE_KEYS, data_args, model_args, read_checkpoint
+from early_exit.cache import ExitCache
+from early_exit.checkpoint import MACHINE_KEYS, read_checkpoint
 from early_exit.curves import ship_curves
 from early_exit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
 from early_exit.engine import ExitPolicy, inference_copy
 from early_exit.errors import InputError
 from early_exit.evaluation import ThresholdPolicy, confidence_scores, path_flops, tune_thresholds
 from early_exit.files import write_atomic
+from early_exit.inference import EarlyExitPredictor
 from early_exit.model import EarlyExitCNN
 
 SHIPPED_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "pytorch-lightning_version",
@@ -104,23 +105,14 @@ def agent_graph(path: str | Path, classifier_ckpt: str | None, compute_weight: f
     """The early-exit graph of an agent and its classifier, the class names and the operating point, as for
     `eecnn test`: the agent's recorded one, else ``compute_weight`` or ``target_flops_saved`` (read off its
     validation curve)."""
-    checkpoint = read_checkpoint(path)
-    settings = model_args(checkpoint, path)
-    if compute_weight is not None or target_flops_saved is not None:
-        settings |= {"compute_weight": settings["compute_weight"] if compute_weight is None else compute_weight,
-                     "target_flops_saved": target_flops_saved}
-    ExitAgent.check_checkpoint(checkpoint, settings["target_flops_saved"])
-    agent = ExitAgent(**settings)
-    agent.on_load_checkpoint(checkpoint)
-    agent.load_state_dict(checkpoint["state_dict"])
-    classifier, _, classes = load_classifier(classifier_ckpt or data_args(checkpoint, path)["classifier_ckpt"],
-                                             option="--classifier-ckpt")
-    agent.build(classifier.model.num_exits, classifier.hparams.num_classes)
-    weight = agent.operating_weight()
-    target = settings["target_flops_saved"]
+    predictor = EarlyExitPredictor.from_checkpoint(path, classifier_ckpt, compute_weight=compute_weight,
+                                                   target_flops_saved=target_flops_saved)
+    agent = predictor.policy
+    weight, target = agent.operating_weight(), agent.hparams.target_flops_saved
     point = f"exit agent at compute weight {weight:.4g}" + \
         (f" (saves {target:g} % of FLOPs on validation)" if target is not None else "")
-    return EarlyExitGraph(classifier.model, agent.greedy_policy(weight)), classes, {"policy": point}
+    graph = EarlyExitGraph(predictor.classifier.model, agent.greedy_policy(weight))
+    return graph, predictor.classes, {"policy": point}
 
 
 def threshold_graph(path: str | Path, rule: str, target_flops_saved: float | None,

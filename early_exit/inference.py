@@ -161,11 +161,17 @@ class EarlyExitPredictor(L.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, agent_ckpt: str | Path, classifier_ckpt: str | Path | None = None,
-                        device: str = "cpu", batch_size: int = 256) -> "EarlyExitPredictor":
+                        device: str = "cpu", batch_size: int = 256, compute_weight: float | None = None,
+                        target_flops_saved: float | None = None) -> "EarlyExitPredictor":
         """Load an agent and the classifier it was trained for: ``classifier_ckpt``, else the path the agent
-        recorded, else the file of that name beside the agent."""
+        recorded, else the file of that name beside the agent. The agent answers at the operating point it
+        recorded, or at ``compute_weight`` or ``target_flops_saved`` (as ``--model.*`` of `eecnn test`)."""
         checkpoint = read_checkpoint(agent_ckpt)
-        agent = ExitAgent(**model_args(checkpoint, agent_ckpt))
+        settings = model_args(checkpoint, agent_ckpt)
+        if compute_weight is not None or target_flops_saved is not None:
+            settings |= {"compute_weight": settings["compute_weight"] if compute_weight is None else compute_weight,
+                         "target_flops_saved": target_flops_saved}
+        agent = ExitAgent(**settings)
         agent.on_load_checkpoint(checkpoint)
         agent.load_state_dict(checkpoint["state_dict"])
         path = classifier_ckpt or data_args(checkpoint, agent_ckpt)["classifier_ckpt"]

@@ -142,3 +142,15 @@ def test_the_readme_example_prints_every_images_class_and_exit(trained_agent, tr
     predictor = EarlyExitPredictor.from_checkpoint(trained_agent, trained_run / "checkpoints" / "last.ckpt")
     assert [(line.split(":")[0], line.split()[1]) for line in out] == \
         [(row["file"], row["class"]) for row in predictor.predict(files)]
+
+
+def test_another_operating_point_exports_as_the_predictor_takes_it(trained_agent, trained_run, image_folder, tmp_path,
+                                                                  capsys):
+    classifier = trained_run / "checkpoints" / "last.ckpt"
+    export(["--format", "onnx", str(trained_agent), str(tmp_path / "a.onnx"), "--classifier-ckpt", str(classifier),
+            "--model.compute_weight", "-0.25"])
+    assert "exit agent at compute weight -0.25" in capsys.readouterr().out
+    predictor = EarlyExitPredictor.from_checkpoint(trained_agent, classifier, compute_weight=-0.25)
+    assert predictor.policy.operating_weight() == -0.25
+    _, images, _ = read_image_files([str(image_folder / "test")])
+    assert_answers_like(run(ort.InferenceSession(tmp_path / "a.onnx"), images), predictor.engine, images)
