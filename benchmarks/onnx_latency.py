@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=40.0, help="FLOPs saved (%%) the threshold rule is tuned to")
     parser.add_argument("--images", type=int, default=10_000, help="test images timed one at a time")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[0, 1],
                         help="onnxruntime's intra-op threads, one measurement each (0: its default)")
     parser.add_argument("--output", type=Path, help="write the figures as JSON here")
