@@ -7,6 +7,7 @@ from early_exit.data import CIFAR10DataModule
 from early_exit.errors import InputError
 from early_exit.inference import EarlyExitPredictor
 from early_exit.model import EarlyExitCNN
+from early_exit.teacher import TeacherClassifier
 
 __all__ = ["CIFAR10DataModule", "EarlyExitCNN", "EarlyExitClassifier", "EarlyExitPredictor", "ExitAgent", "ExitCache",
-           "InputError", "Lookahead"]
+           "InputError", "Lookahead", "TeacherClassifier"]

@@ -5,7 +5,6 @@ once per checkpoint and data; the cache file is named by both and reused. ``Exit
 agent's LightningDataModule: it owns the classifier checkpoint, the images and the cached splits.
 """
 
-import hashlib
 import itertools
 from collections.abc import Iterator
 from functools import cached_property
@@ -22,15 +21,7 @@ from early_exit.data import CIFAR10_CLASSES, CIFAR10DataModule, normalize, rando
 from early_exit.engine import latency_costs
 from early_exit.errors import InputError
 from early_exit.evaluation import ExitOutputs, path_flops
-from early_exit.files import read_json, write_atomic
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+from early_exit.files import file_digest, read_json, write_atomic
 
 
 def load_classifier(path: str | Path, option: str = "--data.classifier_ckpt",

@@ -26,9 +26,10 @@ class EarlyExitClassifier(L.LightningModule):
     up linearly for ``warmup_fraction`` of the steps, then decays linearly to zero. Weight decay applies
     to conv and linear weights only, not to BatchNorm parameters or biases.
 
-    With ``distillation_weight`` > 0 the final exit also teaches the earlier ones during training:
-    each early exit's loss mixes in the KL divergence to the final exit's (detached) softened
-    prediction, because the early exits' accuracy is what any compute saving is made of.
+    With ``distillation_weight`` > 0 each exit's loss mixes in the KL divergence to a teacher's prediction
+    softened by ``distillation_temperature``, because the early exits' accuracy is what any compute saving is
+    made of. The teacher is the data's, if its training batches carry one (``--data.teacher_ckpts``), and every
+    exit learns from it; else the final exit (detached) teaches the earlier ones.
 
     With ``whiten_stem`` the first conv starts as a whitening filter bank computed from the first training
     batch's 3x3 patches (averaged over all ranks under DDP), as airbench's stem does, rather than at random.
@@ -100,24 +101,28 @@ class EarlyExitClassifier(L.LightningModule):
             start = torch.lerp(start, torch.tensor(end, dtype=torch.float32), progress)
         return start
 
-    def exit_losses(self, exit_logits: list[Tensor], labels: Tensor) -> Tensor:
-        """Training loss per exit: label-smoothed cross-entropy, distilled from the final exit."""
+    def exit_losses(self, exit_logits: list[Tensor], labels: Tensor, teacher: Tensor | None = None) -> Tensor:
+        """Training loss per exit: label-smoothed cross-entropy, distilled from the ``teacher``'s log-probabilities
+        (every exit) or else from the final exit (the earlier ones)."""
         logits = [z.float() for z in exit_logits]
         losses = torch.stack([F.cross_entropy(z, labels, label_smoothing=self.hparams.label_smoothing)
                               for z in logits])
         alpha, t = self.hparams.distillation_weight, self.hparams.distillation_temperature
         if alpha == 0:
             return losses
-        teacher = (logits[-1].detach() / t).log_softmax(-1)
-        kl = torch.stack([F.kl_div((z / t).log_softmax(-1), teacher, log_target=True, reduction="batchmean")
-                          for z in logits[:-1]]) * t * t
-        return torch.cat([(1 - alpha) * losses[:-1] + alpha * kl, losses[-1:]])
+        students = logits if teacher is not None else logits[:-1]
+        target = (teacher.float() if teacher is not None else logits[-1].detach()) / t
+        target = target.log_softmax(-1)
+        kl = torch.stack([F.kl_div((z / t).log_softmax(-1), target, log_target=True, reduction="batchmean")
+                          for z in students]) * t * t
+        distilled = (1 - alpha) * losses[:len(students)] + alpha * kl
+        return torch.cat([distilled, losses[len(students):]])
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
-        images, labels = batch
+    def _shared_step(self, batch: tuple[Tensor, ...], split: str) -> Tensor:
+        images, labels, *teacher = batch
         exit_logits = self(images)
         if split == "train":
-            losses = self.exit_losses(exit_logits, labels)
+            losses = self.exit_losses(exit_logits, labels, *teacher)
         else:  # plain cross-entropy, comparable across recipes
             losses = torch.stack([F.cross_entropy(logits.float(), labels) for logits in exit_logits])
         weights = self.current_exit_weights().to(losses.device)
@@ -138,7 +143,7 @@ class EarlyExitClassifier(L.LightningModule):
         self.log(f"{split}/acc", metric, prog_bar=True, **log)  # the final exit's: what checkpoints rank by
         return loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         if self.hparams.whiten_stem and self.global_step == 0 and batch_idx == 0:  # a fresh run, not a resume
             covariance = self.trainer.strategy.reduce(patch_covariance(batch[0]), reduce_op="mean")
             self.model.whiten_stem(covariance)
@@ -162,34 +167,43 @@ class EarlyExitClassifier(L.LightningModule):
         if classes and classes != self.hparams.num_classes:
             raise InputError(f"the data has {classes} classes but the model {self.hparams.num_classes}: "
                              f"set --model.num_classes {classes}")
+        if getattr(datamodule, "hparams", {}).get("teacher_ckpts") and self.hparams.distillation_weight == 0:
+            raise InputError("--data.teacher_ckpts is set but --model.distillation_weight is 0: set the weight of "
+                             "the teacher's loss, e.g. --model.distillation_weight 0.5")
         if self.logger is not None:
             flops = {f"flops/exit{k}": float(f) for k, f in enumerate(self.model.exit_flops, start=1)}
             self.logger.log_metrics(flops, step=0)
 
     def configure_optimizers(self):
-        # As in the fast CIFAR-10 recipes: decaying BatchNorm scales and biases only fights the normalisation.
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.parameters() if p.ndim <= 1]
-        optimizer = self.optimizer([{"params": decay, "name": "weights"},
-                                    {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"}])
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        schedule = self.hparams.lr_schedule
-        if schedule == "constant":
-            return optimizer
-        if schedule == "linear":
-            warmup = max(1, round(self.hparams.warmup_fraction * total_steps))
-            decay_steps = max(1, total_steps - warmup)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: max(0.0, min((step + 1) / warmup, (total_steps - step) / decay_steps))
-            )
-        elif schedule == "onecycle":
-            peak = [group["lr"] for group in optimizer.param_groups]
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=peak, total_steps=total_steps, pct_start=self.hparams.warmup_fraction
-            )
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_schedule(self, self.optimizer, self.hparams.lr_schedule, self.hparams.warmup_fraction)
+
+
+def optimizer_with_schedule(module: L.LightningModule, optimizer: OptimizerCallable, schedule: str,
+                            warmup_fraction: float):
+    """``optimizer`` over ``module``'s parameters, with the learning rate following ``schedule`` per step (what
+    ``configure_optimizers`` returns). As in the fast CIFAR-10 recipes, weight decay applies to conv and linear
+    weights only: decaying BatchNorm scales and biases only fights the normalisation."""
+    decay = [p for p in module.parameters() if p.ndim > 1]
+    no_decay = [p for p in module.parameters() if p.ndim <= 1]
+    optimizer = optimizer([{"params": decay, "name": "weights"},
+                           {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"}])
+    total_steps = int(module.trainer.estimated_stepping_batches)
+    if schedule == "constant":
+        return optimizer
+    if schedule == "linear":
+        warmup = max(1, round(warmup_fraction * total_steps))
+        decay_steps = max(1, total_steps - warmup)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, min((step + 1) / warmup, (total_steps - step) / decay_steps))
+        )
+    elif schedule == "onecycle":
+        peak = [group["lr"] for group in optimizer.param_groups]
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=peak, total_steps=total_steps, pct_start=warmup_fraction
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class Lookahead(Callback):

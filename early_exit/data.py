@@ -14,7 +14,7 @@ import stat
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -27,6 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from early_exit.errors import InputError
+from early_exit.files import file_digest, write_atomic
+from early_exit.teacher import teacher_log_probs
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -253,6 +255,12 @@ class CIFAR10DataModule(L.LightningDataModule):
     none). ``horizontal_flip: alternate`` is airbench's alternating flip: each training image is mirrored at
     random once, then seen the other way round every other epoch, so two epochs show every image both ways
     instead of each way at random.
+
+    With ``teacher_ckpts`` (``eecnn fit --config configs/teacher.yaml`` checkpoints, or classifiers' for their final
+    exits) training batches carry a third tensor: the teachers' log-probabilities for each image, averaged over
+    the teachers and over the image and its mirror image (what ``EarlyExitClassifier(distillation_weight=...)``
+    distils into the exits). They are computed once and cached under ``teacher_cache_dir``, named by the
+    checkpoints' content and the data's fingerprint.
     """
 
     def __init__(
@@ -265,6 +273,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         crop_padding: int = 4,
         horizontal_flip: bool | Literal["alternate"] = True,
         cutout: int = 0,
+        teacher_ckpts: Sequence[str] = (),
+        teacher_cache_dir: str = "logs/teacher_cache",
     ) -> None:
         super().__init__()
         for name, value, least in (("val_size", val_size, 1), ("batch_size", batch_size, 1),
@@ -340,8 +350,25 @@ class CIFAR10DataModule(L.LightningDataModule):
                 train_images = torch.where(first.view(-1, 1, 1, 1), train_images.flip(-1), train_images)
             self.datasets["train"] = TensorDataset(train_images, labels[train])
             self.datasets["val"] = TensorDataset(images[val], labels[val])
+        if stage == "fit" and self.hparams.teacher_ckpts and len(self.datasets["train"].tensors) == 2:
+            train_images, train_labels = self.datasets["train"].tensors
+            self.datasets["train"] = TensorDataset(train_images, train_labels, self.teacher_predictions(train_images))
         if stage in ("test", "predict") and "test" not in self.datasets:
             self.datasets["test"] = TensorDataset(*self.read_split("test"))
+
+    def teacher_predictions(self, images: Tensor) -> Tensor:
+        """``teacher_log_probs`` of the teachers for the training ``images``, from the cache if it has them."""
+        paths = list(self.hparams.teacher_ckpts)
+        for path in paths:
+            if not Path(path).is_file():
+                raise InputError(f"teacher checkpoint {path} does not exist: check --data.teacher_ckpts")
+        digests = "-".join(file_digest(Path(path)) for path in paths)
+        cache = Path(self.hparams.teacher_cache_dir) / f"teacher-{digests}-data{self.fingerprint()}.pt"
+        if cache.is_file():
+            return torch.load(cache, weights_only=True)
+        log_probs = teacher_log_probs(paths, torch.cat([normalize(batch) for batch in images.split(5000)]))
+        write_atomic(cache, lambda file: torch.save(log_probs, file))
+        return log_probs
 
     def state_dict(self) -> dict:
         """Saved in checkpoints, so predictions can be named without the data."""
@@ -370,14 +397,14 @@ class CIFAR10DataModule(L.LightningDataModule):
     def predict_dataloader(self) -> TensorBatches:
         return self._loader("test")
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        images, labels = batch
+    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, ...]:
+        images, labels, *teacher = batch
         if self.trainer is None or not self.trainer.training:
-            return normalize(images), labels
+            return normalize(images), labels, *teacher
         hp = self.hparams
         if hp.horizontal_flip == "alternate" and self.trainer.current_epoch % 2:
             images = images.flip(-1)
-        return augment(images, hp.crop_padding, hp.horizontal_flip is True, hp.cutout), labels
+        return augment(images, hp.crop_padding, hp.horizontal_flip is True, hp.cutout), labels, *teacher
 
 
 class ImageFilesDataModule(L.LightningDataModule):

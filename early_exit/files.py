@@ -1,6 +1,7 @@
 """Writing output files atomically (readers never see a half-written file, and a failure keeps the old one), and
 reading the JSON files eecnn writes."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,3 +47,12 @@ def read_json(path: Path, option: str) -> dict:
     if not isinstance(value, dict):
         raise InputError(f"{path} holds no JSON object: check {option}")
     return value
+
+
+def file_digest(path: Path) -> str:
+    """A short hash of the file's content: what names a cache computed from it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -1,7 +1,11 @@
-"""Shared helpers: the tiny model and data settings the CLI tests train with, and TensorBoard reading."""
+"""Shared helpers: the tiny model and data settings the CLI tests train with, the CLI's one-line errors, and
+TensorBoard reading."""
 
 from pathlib import Path
 
+import pytest
+
+from early_exit.cli import main
 from early_exit.curves import read_scalars
 
 
@@ -20,3 +24,12 @@ def tiny_fit_args(data_dir: Path, epochs: int = 5) -> list[str]:
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     """Every scalar tag in a run's TensorBoard event files, with its values in step order."""
     return {tag: values for tag, (_, values) in read_scalars(run_dir).items()}
+
+
+def error_of(args: list[str]) -> str:
+    """The one-line error `eecnn ARGS` exits with."""
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    message = str(exit.value.code)
+    assert message.startswith("eecnn: error: ") and "\n" not in message
+    return message

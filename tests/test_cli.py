@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_image_folder
-from helpers import scalars, tiny_fit_args
+from helpers import error_of, scalars, tiny_fit_args
 
 from early_exit.cli import main
 from early_exit.curves import read_scalars
@@ -28,14 +28,6 @@ def run(args: list[str]) -> None:
     except SystemExit as exit:  # LightningCLI exits 0 after --print_config
         if exit.code not in (0, None):
             raise
-
-
-def error_of(args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit:
-        main(args)
-    message = str(exit.value.code)
-    assert message.startswith("eecnn: error: ") and "\n" not in message
-    return message
 
 
 def test_help_lists_the_subcommands(capsys):
