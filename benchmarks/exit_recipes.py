@@ -5,8 +5,9 @@
 For each run folder (its ``checkpoints/last.ckpt`` and TensorBoard events) it prints one markdown row:
 epochs and training wall time (from the events), every exit's accuracy and expected calibration error on
 the test split, and the test accuracy of the max-softmax threshold rule tuned on the validation split to
-save at least ``--saved`` % of FLOPs. Exit outputs are cached like the agent's (``logs/exit_cache``). With
-``--round``, the rows join an ablation file of several rounds (``results/recipe/ablation.json``).
+save at least ``--saved`` % of FLOPs (a column per value given; ``threshold`` in the JSON is the first). Exit
+outputs are cached like the agent's (``logs/exit_cache``). With ``--round``, the rows join an ablation file of
+several rounds (``results/recipe/ablation.json``).
 """
 
 import argparse
@@ -23,11 +24,11 @@ from early_exit.evaluation import max_softmax_rules
 from early_exit.files import write_json
 
 
-def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> dict:
+def measure(run: Path, data_dir: str | None, saved: list[float], cache_dir: str) -> dict:
     cache = ExitCache(str(run / "checkpoints" / "last.ckpt"), data_dir=data_dir, cache_dir=cache_dir)
     cache.setup("test")
     val, test = cache.outputs["val"], cache.outputs["test"]
-    [threshold] = max_softmax_rules(val, test, cache.costs, cache.full_cost, (saved,))
+    thresholds = max_softmax_rules(val, test, cache.costs, cache.full_cost, saved)
     timing, classes = time_to_accuracy(run), test.logits.shape[-1]
     return {
         "run": run.name,
@@ -36,20 +37,20 @@ def measure(run: Path, data_dir: str | None, saved: float, cache_dir: str) -> di
         "test_accuracy": (100 * test.correct().double().mean(0)).tolist(),
         "test_ece": [100 * multiclass_calibration_error(test.logits[:, k], test.labels, classes, n_bins=15).item()
                      for k in range(test.num_exits)],
-        "threshold": threshold,
+        "threshold": thresholds[0],
+        "thresholds": {f"{target:g}": rule for target, rule in zip(saved, thresholds)},
     }
 
 
-def markdown(rows: list[dict], saved: float) -> str:
-    threshold = f"max-softmax, ≥ {saved:g} % saved"
-    lines = [f"| run | epochs | wall time | test accuracy per exit (%) | ECE per exit (%) | {threshold} |",
-             "|---|---:|---:|---|---|---|"]
+def markdown(rows: list[dict], saved: list[float]) -> str:
+    thresholds = " | ".join(f"max-softmax, ≥ {target:g} % saved" for target in saved)
+    lines = [f"| run | epochs | wall time | test accuracy per exit (%) | ECE per exit (%) | {thresholds} |",
+             "|---|---:|---:|---|---|" + "---|" * len(saved)]
     for r in rows:
-        t = r["threshold"]
+        rules = " | ".join(f"{t['accuracy']:.2f} % at {t['flops_saved_pct']:.1f} %" for t in r["thresholds"].values())
         lines.append(f"| {r['run']} | {r['epochs']} | {r['seconds'] / 60:.0f} min | "
                      f"{' / '.join(f'{a:.1f}' for a in r['test_accuracy'])} | "
-                     f"{' / '.join(f'{e:.1f}' for e in r['test_ece'])} | "
-                     f"{t['accuracy']:.2f} % at {t['flops_saved_pct']:.1f} % |")
+                     f"{' / '.join(f'{e:.1f}' for e in r['test_ece'])} | {rules} |")
     return "\n".join(lines)
 
 
@@ -57,7 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="classifier run folders (checkpoints/last.ckpt inside)")
     parser.add_argument("--data", help="the data_dir to read, if not the one each run recorded")
-    parser.add_argument("--saved", type=float, default=50.0, help="FLOPs the threshold rule must save (%%)")
+    parser.add_argument("--saved", type=float, nargs="+", default=[50.0],
+                        help="FLOPs the threshold rule must save (%%), one column each")
     parser.add_argument("--cache-dir", default="logs/exit_cache")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON")
     parser.add_argument("--round", type=int, help="tag the rows with this ablation round, and replace only that "

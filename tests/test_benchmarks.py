@@ -53,14 +53,15 @@ def test_exit_recipes_measures_every_exit_and_the_threshold_rule(trained_run, im
 
     def measure(*flags: str) -> list[dict]:
         subprocess.run([sys.executable, str(BENCHMARKS / "exit_recipes.py"), str(trained_run), "--data",
-                        str(image_folder), "--saved", "20", "--cache-dir", str(tmp_path / "cache"), "--output",
+                        str(image_folder), "--saved", "20", "30", "--cache-dir", str(tmp_path / "cache"), "--output",
                         str(output), *flags], capture_output=True, text=True, check=True)
         return json.loads(output.read_text())
 
     [row] = measure()
     assert row["epochs"] == 5 and len(row["test_accuracy"]) == len(row["test_ece"]) == 2
     assert all(0 <= a <= 100 for a in row["test_accuracy"] + row["test_ece"])
-    assert row["threshold"]["flops_saved_pct"] >= 20
+    assert row["threshold"] == row["thresholds"]["20"] and row["threshold"]["flops_saved_pct"] >= 20
+    assert row["thresholds"]["30"]["flops_saved_pct"] >= 30
     # A round rerun replaces its own rows in the ablation file and keeps the other rounds'.
     others = [{"round": 3, "run": "later"}, {"round": 2, "run": "stale"}, {"round": 1, "run": "a"}]
     output.write_text(json.dumps(others))
@@ -103,7 +104,7 @@ def test_exits_alone_are_measured_against_the_shared_exits_and_spliced_into_them
     alone = tmp_path / "logs" / "eecnn" / "version_0" / "checkpoints" / "last.ckpt"
     shared = trained_run / "checkpoints" / "last.ckpt"
     script, output = str(BENCHMARKS / "exits_alone.py"), tmp_path / "alone.json"
-    common = ["--data", str(image_folder), "--saved", "20", "--cache-dir", str(tmp_path / "cache")]
+    common = ["--data", str(image_folder), "--saved", "20", "30", "--cache-dir", str(tmp_path / "cache")]
     out = subprocess.run([sys.executable, script, str(shared), str(shared), str(alone), *common,
                           "--output", str(output)], capture_output=True, text=True, check=True).stdout
     result = json.loads(output.read_text())
