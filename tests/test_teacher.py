@@ -1,6 +1,9 @@
 """The teacher: a residual network trained through `eecnn fit`, whose cached predictions every exit distils."""
 
 import contextlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,18 @@ def test_the_residual_network_halves_the_map_three_times_and_scales_its_logits()
     logits = network(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10)
     assert logits.abs().max() < 5  # scaled by 1/8: a network at random starts unsure
+
+
+def test_the_teacher_benchmark_sets_each_teacher_and_their_ensemble_beside_the_reference(teacher, trained_run,
+                                                                                       image_folder, tmp_path):
+    ckpt, reference = str(teacher / "checkpoints" / "last.ckpt"), str(trained_run / "checkpoints" / "last.ckpt")
+    output = tmp_path / "teacher.json"
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "teacher.py"), ckpt, reference,
+                    "--data", str(image_folder), "--val-size", "32", "--reference", reference, "--output",
+                    str(output)], check=True, capture_output=True, text=True)
+    figures = json.loads(output.read_text())
+    for split in ("val", "test"):
+        rows = figures[split]
+        assert set(rows) == {ckpt, reference, f"ensemble of {ckpt}, {reference}"}
+        assert rows[f"ensemble of {ckpt}, {reference}"]["plain"] is None
+        assert all(0 <= row["taught"] <= 100 for row in rows.values())
