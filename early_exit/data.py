@@ -366,7 +366,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         cache = Path(self.hparams.teacher_cache_dir) / f"teacher-{digests}-data{self.fingerprint()}.pt"
         if cache.is_file():
             return torch.load(cache, weights_only=True)
-        log_probs = teacher_log_probs(paths, torch.cat([normalize(batch) for batch in images.split(5000)]))
+        device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+        log_probs = teacher_log_probs(paths, torch.cat([normalize(batch) for batch in images.split(5000)]), device)
         write_atomic(cache, lambda file: torch.save(log_probs, file))
         return log_probs
 

@@ -146,13 +146,16 @@ class FinalExit(nn.Module):
 
 
 @torch.no_grad()
-def teacher_log_probs(paths: Sequence[str], images: Tensor, batch_size: int = 500) -> Tensor:
+def teacher_log_probs(paths: Sequence[str], images: Tensor, device: torch.device | str = "cpu",
+                      batch_size: int = 500) -> Tensor:
     """(N, classes) log-probabilities of the ensemble of the teacher checkpoints at ``paths`` for normalised
-    ``images``: the softmax averaged over the teachers and over each image and its mirror image."""
-    networks = [load_teacher(path) for path in paths]
+    ``images``, on the CPU: the softmax averaged over the teachers and over each image and its mirror image. The
+    teachers run on ``device``."""
+    networks = [load_teacher(path).to(device) for path in paths]
     parts = []
     for batch in images.split(batch_size):
+        batch = batch.to(device)
         views = torch.cat([batch, batch.flip(-1)]).contiguous(memory_format=torch.channels_last)
         probs = torch.stack([network(views).float().softmax(-1) for network in networks]).mean(0)
-        parts.append(probs.view(2, len(batch), -1).mean(0).log())
+        parts.append(probs.view(2, len(batch), -1).mean(0).log().cpu())
     return torch.cat(parts)
