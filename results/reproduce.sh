@@ -68,6 +68,18 @@ train "${ALONE_RUNS[2]}" "${SHIPPED[@]}" --model.num_stages 3 --model.exit_weigh
 train "${ALONE_RUNS[3]}" "${SHIPPED[@]}" --model.exit_weights '[0,0,0,1]'
 python benchmarks/exits_alone.py results/classifier.ckpt "${ALONE_RUNS[@]/%//checkpoints/last.ckpt}" \
   --data "$DATA" --output results/recipe/exits-alone.json
+# 1f. Distillation from a stronger network (docs/recipe.md): the residual teacher of configs/teacher.yaml, trained on
+#     the same training split; what it knows beside the shipped classifier's final exit; the shipped recipe with every
+#     exit distilled from it at weight 0.5 and temperature 4 (its predictions cached once in logs/teacher_cache/).
+TEACHER_RUN=logs/teacher/version_0
+train "$TEACHER_RUN" "${SHIPPED[@]}" --config configs/teacher.yaml
+python benchmarks/teacher.py "$TEACHER_RUN/checkpoints/last.ckpt" --data "$DATA" --reference results/classifier.ckpt \
+  --output results/recipe/teacher.json
+DISTILLED_RUN=logs/distill/full-teacher-a05
+train "$DISTILLED_RUN" "${SHIPPED[@]}" --data.teacher_ckpts "[$TEACHER_RUN/checkpoints/last.ckpt]" \
+  --model.distillation_weight 0.5 --model.distillation_temperature 4
+python benchmarks/exit_recipes.py "$DISTILLED_RUN" --data "$DATA" --saved 50 40 60 \
+  --output results/recipe/distillation.json
 
 # 2. Ship it in fp16; the export writes its training curves beside it (classifier-curves.csv) for the report's plot.
 eecnn-export "$RUN/checkpoints/last.ckpt" results/classifier.ckpt --half

@@ -208,3 +208,14 @@ def test_docs_onnx_table_quotes_the_onnx_latency_file():
                  *(f"{row.get(key, 1.0):.2f}x" for key in ("speedup_1_image", "flops_ratio", "speedup_batch"))]
                 for threads, models in measured.items() for name, row in models.items()]
     assert rows == expected
+
+
+def test_docs_teacher_table_quotes_the_teacher_file():
+    measured = json.loads((RESULTS / "recipe" / "teacher.json").read_text())
+    [teacher] = [name for name in measured["val"] if name != measured["reference"]]
+    table = re.search(r"<!-- teacher-table -->(.*?)<!-- /teacher-table -->",
+                      (ROOT / "docs" / "recipe.md").read_text(), re.DOTALL).group(1)
+    rows = [line.strip("| ").split(" | ")[1:] for line in table.splitlines() if line.endswith("% |")]
+    expected = [[f"{measured[split][name][kind]:.2f} %" for split in ("val", "test")]
+                for name in (teacher, measured["reference"]) for kind in ("plain", "taught")]
+    assert rows == expected
