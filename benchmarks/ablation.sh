@@ -124,3 +124,15 @@ arm base
 arm distill --model.distillation_weight 0.5 --model.distillation_temperature 3
 python benchmarks/exit_recipes.py logs/ablation/w05-e15-{base,distill} --data "$DATA" \
   --output results/recipe/ablation.json --round 9
+
+# Round 10 (rows 24 and 25), distillation from a stronger network into every exit, on round 9's proxy, two at a time
+# side by side, one thread each, on zen5g with native bf16 (a full-size run joined them after 6 minutes): 24. that
+# proxy again, for the threshold rule at 40 and 60 % too; 25. every exit distilled from the residual teacher of
+# configs/teacher.yaml (results/reproduce.sh step 1f trains it, on the same training split) at weight 0.5 and
+# temperature 4.
+TEACHER=logs/teacher/version_0/checkpoints/last.ckpt
+PROXY=(--config configs/cifar10-30ep-cutout.yaml --model.width 0.5 --trainer.max_epochs 15) TAG=w05-e15
+arm base
+arm teacher-a05 --data.teacher_ckpts "[$TEACHER]" --model.distillation_weight 0.5 --model.distillation_temperature 4
+python benchmarks/exit_recipes.py logs/ablation/w05-e15-{base,teacher-a05} --data "$DATA" --saved 50 40 60 \
+  --output results/recipe/ablation.json --round 10
