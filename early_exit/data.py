@@ -15,7 +15,7 @@ import stat
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -274,7 +274,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         crop_padding: int = 4,
         horizontal_flip: bool | Literal["alternate"] = True,
         cutout: int = 0,
-        teacher_ckpts: Sequence[str] = (),
+        teacher_ckpts: list[str] | None = None,
         teacher_cache_dir: str = "logs/teacher_cache",
     ) -> None:
         super().__init__()
