@@ -112,6 +112,11 @@ class TeacherClassifier(L.LightningModule):
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per image: the predicted class and its softmax confidence."""
+        confidence, prediction = self(batch[0]).float().softmax(-1).max(-1)
+        return {"prediction": prediction, "confidence": confidence}
+
     def configure_optimizers(self):
         return optimizer_with_schedule(self, self.optimizer, self.hparams.lr_schedule, self.hparams.warmup_fraction)
 

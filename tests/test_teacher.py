@@ -14,7 +14,7 @@ from early_exit.classifier import EarlyExitClassifier
 from early_exit.cli import main
 from early_exit.data import CIFAR10DataModule
 from early_exit.errors import InputError
-from early_exit.teacher import ResidualNet, load_teacher, teacher_log_probs
+from early_exit.teacher import ResidualNet, TeacherClassifier, load_teacher, teacher_log_probs
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -116,3 +116,12 @@ def test_the_teacher_benchmark_sets_each_teacher_and_their_ensemble_beside_the_r
         assert set(rows) == {ckpt, reference, f"ensemble of {ckpt}, {reference}"}
         assert rows[f"ensemble of {ckpt}, {reference}"]["plain"] is None
         assert all(0 <= row["taught"] <= 100 for row in rows.values())
+
+
+def test_the_teacher_predicts_each_image_class_and_confidence():
+    model = TeacherClassifier(num_classes=4, width=0.125).eval()
+    images = torch.randn(5, 3, 32, 32)
+    out = model.predict_step((images, torch.zeros(5)), 0)
+    probs = model(images).softmax(-1)
+    assert torch.equal(out["prediction"], probs.argmax(-1))
+    assert torch.allclose(out["confidence"], probs.max(-1).values)
