@@ -5,7 +5,7 @@
 For each run folder (its ``checkpoints/last.ckpt`` and TensorBoard events) it prints one markdown row:
 epochs and training wall time (from the events), every exit's accuracy and expected calibration error on
 the test split, and the test accuracy of the max-softmax threshold rule tuned on the validation split to
-save at least ``--saved`` % of FLOPs (a column per value given; ``threshold`` in the JSON is the first). Exit
+save at least ``--saved`` % of FLOPs (a column per value given, ``thresholds`` in the JSON). Exit
 outputs are cached like the agent's (``logs/exit_cache``). With ``--round``, the rows join an ablation file of
 several rounds (``results/recipe/ablation.json``).
 """
@@ -37,7 +37,6 @@ def measure(run: Path, data_dir: str | None, saved: list[float], cache_dir: str)
         "test_accuracy": (100 * test.correct().double().mean(0)).tolist(),
         "test_ece": [100 * multiclass_calibration_error(test.logits[:, k], test.labels, classes, n_bins=15).item()
                      for k in range(test.num_exits)],
-        "threshold": thresholds[0],
         "thresholds": {f"{target:g}": rule for target, rule in zip(saved, thresholds)},
     }
 

@@ -60,7 +60,7 @@ def test_exit_recipes_measures_every_exit_and_the_threshold_rule(trained_run, im
     [row] = measure()
     assert row["epochs"] == 5 and len(row["test_accuracy"]) == len(row["test_ece"]) == 2
     assert all(0 <= a <= 100 for a in row["test_accuracy"] + row["test_ece"])
-    assert row["threshold"] == row["thresholds"]["20"] and row["threshold"]["flops_saved_pct"] >= 20
+    assert row["thresholds"]["20"]["flops_saved_pct"] >= 20
     assert row["thresholds"]["30"]["flops_saved_pct"] >= 30
     # A round rerun replaces its own rows in the ablation file and keeps the other rounds'.
     others = [{"round": 3, "run": "later"}, {"round": 2, "run": "stale"}, {"round": 1, "run": "a"}]
