@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from early_exit.data import CIFAR10DataModule, normalize
 from early_exit.errors import InputError
@@ -24,15 +25,15 @@ from early_exit.teacher import load_teacher, teacher_log_probs
 
 
 @torch.no_grad()
-def accuracy(paths: list[str], images: torch.Tensor, labels: torch.Tensor, plain: bool) -> float:
-    """Test accuracy (%) of the teachers at ``paths``: one network's logits if ``plain``, else what a student is
+def accuracy(networks: list[nn.Module], images: torch.Tensor, labels: torch.Tensor, plain: bool) -> float:
+    """Test accuracy (%) of the teacher ``networks``: one network's logits if ``plain``, else what a student is
     taught."""
     if plain:
-        [network] = [load_teacher(path, option="a checkpoint argument") for path in paths]
+        [network] = networks
         predictions = torch.cat([network(batch.contiguous(memory_format=torch.channels_last)).argmax(-1)
                                  for batch in images.split(500)])
     else:
-        predictions = teacher_log_probs(paths, images).argmax(-1)
+        predictions = teacher_log_probs(networks, images).argmax(-1)
     return 100 * (predictions == labels).double().mean().item()
 
 
@@ -50,16 +51,18 @@ def main() -> None:
         data.prepare_data()
         data.setup("validate")
         data.setup("test")
-        members = {path: [path] for path in args.teachers + ([args.reference] if args.reference else [])}
+        networks = {path: load_teacher(path, option="a checkpoint argument")
+                    for path in args.teachers + ([args.reference] if args.reference else [])}
+        members = {path: [network] for path, network in networks.items()}
         if len(args.teachers) > 1:
-            members["ensemble of " + ", ".join(args.teachers)] = args.teachers
+            members["ensemble of " + ", ".join(args.teachers)] = [networks[path] for path in args.teachers]
         figures: dict[str, dict] = {}
         for split in ("val", "test"):
             images, labels = data.datasets[split].tensors
             images = normalize(images)
-            figures[split] = {name: {"plain": accuracy(paths, images, labels, True) if len(paths) == 1 else None,
-                                     "taught": accuracy(paths, images, labels, False)}
-                              for name, paths in members.items()}
+            figures[split] = {name: {"plain": accuracy(team, images, labels, True) if len(team) == 1 else None,
+                                     "taught": accuracy(team, images, labels, False)}
+                              for name, team in members.items()}
     except InputError as err:
         sys.exit(f"teacher: error: {err}")
     for split, rows in figures.items():

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from early_exit.errors import InputError
 from early_exit.files import file_digest, write_atomic
-from early_exit.teacher import teacher_log_probs
+from early_exit.teacher import load_teacher, teacher_log_probs
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -371,7 +371,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         device, precision = ("cpu", contextlib.nullcontext()) if self.trainer is None else \
             (self.trainer.strategy.root_device, self.trainer.precision_plugin.forward_context())
         with precision:  # the trainer's: bf16 where the hardware has it, several times faster than fp32
-            log_probs = teacher_log_probs(paths, torch.cat([normalize(batch) for batch in images.split(5000)]), device)
+            log_probs = teacher_log_probs([load_teacher(path) for path in paths], normalize(images), device)
         write_atomic(cache, lambda file: torch.save(log_probs, file))
         return log_probs
 

@@ -151,12 +151,12 @@ class FinalExit(nn.Module):
 
 
 @torch.no_grad()
-def teacher_log_probs(paths: Sequence[str], images: Tensor, device: torch.device | str = "cpu",
+def teacher_log_probs(networks: Sequence[nn.Module], images: Tensor, device: torch.device | str = "cpu",
                       batch_size: int = 500) -> Tensor:
-    """(N, classes) log-probabilities of the ensemble of the teacher checkpoints at ``paths`` for normalised
+    """(N, classes) log-probabilities of the ensemble of teacher ``networks`` (``load_teacher``'s) for normalised
     ``images``, on the CPU: the softmax averaged over the teachers and over each image and its mirror image. The
     teachers run on ``device``."""
-    networks = [load_teacher(path).to(device) for path in paths]
+    networks = [network.to(device) for network in networks]
     parts = []
     for batch in images.split(batch_size):
         batch = batch.to(device)

@@ -45,11 +45,12 @@ def test_the_teacher_trains_through_eecnn_fit_and_logs_its_mirrored_accuracy(tea
 def test_teacher_predictions_average_each_image_with_its_mirror_and_the_teachers(teacher, trained_run):
     paths = [str(teacher / "checkpoints" / "last.ckpt"), str(trained_run / "checkpoints" / "last.ckpt")]
     images = torch.randn(6, 3, 32, 32)
-    both = teacher_log_probs(paths, images)
+    networks = [load_teacher(path) for path in paths]
+    both = teacher_log_probs(networks, images)
     assert both.shape == (6, 4)
     assert torch.allclose(both.exp().sum(-1), torch.ones(6), atol=1e-5)
-    assert torch.allclose(both, teacher_log_probs(paths, images.flip(-1)), atol=1e-5)
-    alone = [teacher_log_probs([path], images).exp() for path in paths]
+    assert torch.allclose(both, teacher_log_probs(networks, images.flip(-1)), atol=1e-5)
+    alone = [teacher_log_probs([network], images).exp() for network in networks]
     assert torch.allclose(both.exp(), (alone[0] + alone[1]) / 2, atol=1e-5)  # the ensemble: mean probabilities
 
 
