@@ -45,6 +45,7 @@ def model_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
 
 MACHINE_KEYS = ("data_dir", "download")  # where the data was on the machine that trained, and how it got there
 RETIRED_KEYS = ("num_workers",)  # data settings earlier releases recorded: how batches were loaded, not which
+TEACHER_KEYS = ("teacher_ckpts", "teacher_cache_dir")  # what taught the classifier: training only, on its machine
 
 
 def data_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
@@ -52,9 +53,10 @@ def data_args(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     checkpoint from another machine, or a relative path read from another folder): the DataModule's default
     then reads torchvision's CIFAR-10, downloading it if needed, unless ``--data.data_dir`` says otherwise. A
     recorded ``classifier_ckpt`` that is not where it was at training time is taken from beside ``path``: a
-    shipped agent and its classifier move together."""
+    shipped agent and its classifier move together. Distillation teachers are left out: reading a trained
+    classifier's images never needs its teachers' predictions."""
     args = {k: v for k, v in init_args(checkpoint.get("datamodule_hyper_parameters") or {}).items()
-            if k not in RETIRED_KEYS}
+            if k not in RETIRED_KEYS + TEACHER_KEYS}
     if args.get("data_dir") is not None and not Path(args["data_dir"]).expanduser().exists():
         for key in MACHINE_KEYS:
             args.pop(key, None)

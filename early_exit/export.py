@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from early_exit.agent import ExitAgent
 from early_exit.cache import ExitCache
-from early_exit.checkpoint import MACHINE_KEYS, read_checkpoint
+from early_exit.checkpoint import MACHINE_KEYS, TEACHER_KEYS, read_checkpoint
 from early_exit.curves import ship_curves
 from early_exit.data import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
 from early_exit.engine import ExitPolicy, inference_copy
@@ -43,15 +43,15 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 def export_checkpoint(source: str | Path, target: str | Path, half: bool = False) -> Path:
     """A slim copy of an eecnn checkpoint for shipping: the weights (floating-point ones in fp16 with
     ``half``), the model and data settings and the datamodule's state (class names), without the
-    optimiser, loop and callback state that only resuming training needs, nor the data path of the
-    machine that trained it. Written atomically; a classifier's training curves go beside it
-    (``<target>-curves.csv``), for the report's plot."""
+    optimiser, loop and callback state that only resuming training needs, nor the data path and the
+    distillation teachers of the machine that trained it. Written atomically; a classifier's training curves go
+    beside it (``<target>-curves.csv``), for the report's plot."""
     checkpoint = read_checkpoint(source)
     slim = {key: checkpoint[key] for key in SHIPPED_KEYS if key in checkpoint}
     slim |= {key: value for key, value in checkpoint.items() if key.endswith("DataModule")}  # datamodule states
-    if "datamodule_hyper_parameters" in slim:  # a user's machine has its own data: it passes --data.data_dir
+    if "datamodule_hyper_parameters" in slim:  # a user's machine has its own data (--data.data_dir), and no teachers
         slim["datamodule_hyper_parameters"] = {key: value for key, value in slim["datamodule_hyper_parameters"].items()
-                                               if key not in MACHINE_KEYS}
+                                               if key not in MACHINE_KEYS + TEACHER_KEYS}
     if half:
         slim["state_dict"] = {name: t.half() if t.is_floating_point() else t for name, t in slim["state_dict"].items()}
     target = Path(target)

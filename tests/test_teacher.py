@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,12 @@ import pytest
 import torch
 from helpers import error_of, scalars, tiny_fit_args
 
+from early_exit.cache import ExitCache
 from early_exit.classifier import EarlyExitClassifier
 from early_exit.cli import main
 from early_exit.data import CIFAR10DataModule
 from early_exit.errors import InputError
+from early_exit.export import export_checkpoint
 from early_exit.teacher import ResidualNet, TeacherClassifier, load_teacher, teacher_log_probs
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -71,6 +74,22 @@ def test_a_student_distils_the_cached_teacher_into_every_exit(teacher, image_fol
     _, labels, log_probs = data.datasets["train"].tensors
     assert log_probs.shape == (len(labels), 4)
     assert torch.equal(log_probs, torch.load(cached[0], weights_only=True))
+
+
+def test_a_distilled_classifier_serves_agents_and_ships_without_its_teacher(teacher, image_folder, tmp_path):
+    ckpt = tmp_path / "teacher.ckpt"
+    shutil.copy(teacher / "checkpoints" / "last.ckpt", ckpt)
+    with contextlib.chdir(tmp_path):
+        main(["fit", *tiny_fit_args(image_folder, epochs=1), "--data.teacher_ckpts", f"[{ckpt}]",
+              "--model.distillation_weight", "0.5"])
+    ckpt.unlink()  # another machine: the teacher stayed where the classifier was trained
+    student = tmp_path / "logs" / "eecnn" / "version_0" / "checkpoints" / "last.ckpt"
+    cache = ExitCache(str(student), data_dir=str(image_folder), val_size=32, cache_dir=str(tmp_path / "cache"))
+    cache.setup("fit")
+    assert cache.outputs["val"].logits.shape[:2] == (32, 2)
+    shipped = export_checkpoint(student, tmp_path / "classifier.ckpt", half=True)
+    recorded = torch.load(shipped, weights_only=True)["datamodule_hyper_parameters"]
+    assert recorded["val_size"] == 32 and not {"teacher_ckpts", "teacher_cache_dir"} & recorded.keys()
 
 
 def test_with_a_teacher_every_exit_learns_from_it_and_the_final_exit_teaches_none():
