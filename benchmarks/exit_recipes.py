@@ -3,7 +3,8 @@
     python benchmarks/exit_recipes.py logs/ablation/run-a logs/ablation/run-b --data ../shared/data/cifar10-jpeg.tar.gz
 
 For each run folder (its ``checkpoints/last.ckpt`` and TensorBoard events) it prints one markdown row:
-epochs and training wall time (from the events), every exit's accuracy and expected calibration error on
+epochs and training wall time (from the events; left blank for a checkpoint file given instead of a run folder,
+such as a shipped classifier), every exit's accuracy and expected calibration error on
 the test split, and the test accuracy of the max-softmax threshold rule tuned on the validation split to
 save at least ``--saved`` % of FLOPs (a column per value given, ``thresholds`` in the JSON). Exit
 outputs are cached like the agent's (``logs/exit_cache``). With ``--round``, the rows join an ablation file of
@@ -25,13 +26,15 @@ from early_exit.files import write_json
 
 
 def measure(run: Path, data_dir: str | None, saved: list[float], cache_dir: str) -> dict:
-    cache = ExitCache(str(run / "checkpoints" / "last.ckpt"), data_dir=data_dir, cache_dir=cache_dir)
+    ckpt = run if run.is_file() else run / "checkpoints" / "last.ckpt"
+    cache = ExitCache(str(ckpt), data_dir=data_dir, cache_dir=cache_dir)
     cache.setup("test")
     val, test = cache.outputs["val"], cache.outputs["test"]
     thresholds = max_softmax_rules(val, test, cache.costs, cache.full_cost, saved)
-    timing, classes = time_to_accuracy(run), test.logits.shape[-1]
+    timing = {"epochs": None, "seconds": None} if run.is_file() else time_to_accuracy(run)
+    classes = test.logits.shape[-1]
     return {
-        "run": run.name,
+        "run": run.stem if run.is_file() else run.name,
         "epochs": timing["epochs"],
         "seconds": timing["seconds"],
         "test_accuracy": (100 * test.correct().double().mean(0)).tolist(),
@@ -47,7 +50,8 @@ def markdown(rows: list[dict], saved: list[float]) -> str:
              "|---|---:|---:|---|---|" + "---|" * len(saved)]
     for r in rows:
         rules = " | ".join(f"{t['accuracy']:.2f} % at {t['flops_saved_pct']:.1f} %" for t in r["thresholds"].values())
-        lines.append(f"| {r['run']} | {r['epochs']} | {r['seconds'] / 60:.0f} min | "
+        minutes = "" if r["seconds"] is None else f"{r['seconds'] / 60:.0f} min"
+        lines.append(f"| {r['run']} | {r['epochs'] or ''} | {minutes} | "
                      f"{' / '.join(f'{a:.1f}' for a in r['test_accuracy'])} | "
                      f"{' / '.join(f'{e:.1f}' for e in r['test_ece'])} | {rules} |")
     return "\n".join(lines)
@@ -55,7 +59,8 @@ def markdown(rows: list[dict], saved: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="classifier run folders (checkpoints/last.ckpt inside)")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="classifier run folders (checkpoints/last.ckpt inside), or checkpoint files")
     parser.add_argument("--data", help="the data_dir to read, if not the one each run recorded")
     parser.add_argument("--saved", type=float, nargs="+", default=[50.0],
                         help="FLOPs the threshold rule must save (%%), one column each")

@@ -51,8 +51,8 @@ def test_time_to_accuracy_script_prints_a_table_and_refuses_a_folder_without_a_r
 def test_exit_recipes_measures_every_exit_and_the_threshold_rule(trained_run, image_folder, tmp_path):
     output = tmp_path / "recipes.json"
 
-    def measure(*flags: str) -> list[dict]:
-        subprocess.run([sys.executable, str(BENCHMARKS / "exit_recipes.py"), str(trained_run), "--data",
+    def measure(*flags: str, run: Path = trained_run) -> list[dict]:
+        subprocess.run([sys.executable, str(BENCHMARKS / "exit_recipes.py"), str(run), "--data",
                         str(image_folder), "--saved", "20", "30", "--cache-dir", str(tmp_path / "cache"), "--output",
                         str(output), *flags], capture_output=True, text=True, check=True)
         return json.loads(output.read_text())
@@ -62,6 +62,10 @@ def test_exit_recipes_measures_every_exit_and_the_threshold_rule(trained_run, im
     assert all(0 <= a <= 100 for a in row["test_accuracy"] + row["test_ece"])
     assert row["thresholds"]["20"]["flops_saved_pct"] >= 20
     assert row["thresholds"]["30"]["flops_saved_pct"] >= 30
+    # A checkpoint file (a shipped classifier) is measured the same, without a training time to read.
+    [shipped] = measure(run=trained_run / "checkpoints" / "last.ckpt")
+    assert shipped["epochs"] is shipped["seconds"] is None
+    assert shipped["test_accuracy"] == row["test_accuracy"] and shipped["thresholds"] == row["thresholds"]
     # A round rerun replaces its own rows in the ablation file and keeps the other rounds'.
     others = [{"round": 3, "run": "later"}, {"round": 2, "run": "stale"}, {"round": 1, "run": "a"}]
     output.write_text(json.dumps(others))
