@@ -111,6 +111,8 @@ def main() -> None:
         given = {"cache_dir": args.cache_dir} | ({"data_dir": args.data} if args.data else {})
         cache = ExitCache(**data_args(read_checkpoint(args.agent), args.agent) | given)
         cache.setup("test")
+        cache.images.prepare_data()  # cached exit outputs spare the cache the images: the corruptions need them
+        cache.images.setup("test")
         clean = cache.outputs
         if args.target is not None:
             agent.hparams.target_flops_saved = args.target

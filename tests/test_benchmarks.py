@@ -147,7 +147,7 @@ def test_shift_benchmark_measures_the_agent_as_eecnn_test_reports_it_on_clean_im
     output = tmp_path / "shift.json"
     out = subprocess.run([sys.executable, str(BENCHMARKS / "shift.py"), str(trained_agent), "--data",
                           str(image_folder), "--kinds", "contrast", "jpeg", "--severities", "1", "5", "--cache-dir",
-                          str(tmp_path / "cache"), "--output", str(output)],
+                          str(tmp_path / "logs" / "exit_cache"), "--output", str(output)],  # as eecnn test left it
                          capture_output=True, text=True, check=True).stdout
     result = json.loads(output.read_text())
     assert [(r["corruption"], r["severity"]) for r in result["rows"]] == \
