@@ -8,8 +8,9 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
 RUN=logs/full/e30-cutout8
 
-# 1. The shipped classifier: configs/cifar10.yaml for 30 epochs with 8x8 cutout (configs/cifar10-30ep-cutout.yaml);
-#    skipped once it has run all its epochs. Nothing else on the machine while it runs: it is timed.
+# 1. The shipped recipe without its teacher, shipped before it (step 1f adds the teacher): configs/cifar10.yaml for 30
+#    epochs with 8x8 cutout (configs/cifar10-30ep-cutout.yaml); skipped once it has run all its epochs. Nothing else
+#    on the machine while it runs: it is timed.
 SHIPPED=(--config configs/cifar10.yaml --config configs/cifar10-30ep-cutout.yaml)
 finished() {  # run folder, then its config flags: does the run's last checkpoint hold every epoch they ask for?
   local run=$1; shift
@@ -57,33 +58,34 @@ PREVIOUS_RUN=logs/reference/version_0
 train "$PREVIOUS_RUN" --config configs/cifar10.yaml --trainer.max_epochs 20 --data.batch_size 256 \
   --model.optimizer.lr 0.2 --model.whiten_stem false
 python benchmarks/exit_recipes.py "$DEFAULT_RUN" "${LONG_RUNS[@]}" "$RUN" --data "$DATA" --output results/recipe/full-size.json
-# 1e. What each exit reaches when the network is trained for it alone (docs/recipe.md): the shipped recipe on the
+# 1e. What each exit reaches when the network is trained for it alone (docs/recipe.md): step 1's recipe on the
 #     network cut after stage k (--model.num_stages k) with exit k alone in the loss, and the whole network with the
-#     final exit alone, against the shipped classifier's exits (its fp16 weights, results/classifier.ckpt), spliced
-#     into them for the threshold rule.
+#     final exit alone, against step 1's exits (measured on its fp16 export, shipped before), spliced into them for
+#     the threshold rule.
 ALONE_RUNS=(logs/alone/e30-exit1 logs/alone/e30-exit2 logs/alone/e30-exit3 logs/alone/e30-exit4)
 train "${ALONE_RUNS[0]}" "${SHIPPED[@]}" --model.num_stages 1 --model.exit_weights '[1]'
 train "${ALONE_RUNS[1]}" "${SHIPPED[@]}" --model.num_stages 2 --model.exit_weights '[0,1]'
 train "${ALONE_RUNS[2]}" "${SHIPPED[@]}" --model.num_stages 3 --model.exit_weights '[0,0,1]'
 train "${ALONE_RUNS[3]}" "${SHIPPED[@]}" --model.exit_weights '[0,0,0,1]'
-python benchmarks/exits_alone.py results/classifier.ckpt "${ALONE_RUNS[@]/%//checkpoints/last.ckpt}" \
+python benchmarks/exits_alone.py "$RUN/checkpoints/last.ckpt" "${ALONE_RUNS[@]/%//checkpoints/last.ckpt}" \
   --data "$DATA" --output results/recipe/exits-alone.json
-# 1f. Distillation from a stronger network (docs/recipe.md): the residual teacher of configs/teacher.yaml, trained on
-#     the same training split; what it knows beside the shipped classifier's final exit; the shipped recipe with every
-#     exit distilled from it at weight 0.5 and temperature 4 (its predictions cached once in logs/teacher_cache/).
+# 1f. The shipped classifier: distillation from a stronger network (docs/recipe.md). The residual teacher of
+#     configs/teacher.yaml, trained on the same training split; what it knows beside step 1's final exit;
+#     step 1's recipe with every exit distilled from it (configs/distill.yaml: weight 0.5, temperature 4; the
+#     teacher's predictions cached once in logs/teacher_cache/), against step 1's run (measured on its fp16 export).
 TEACHER_RUN=logs/teacher/version_0
 train "$TEACHER_RUN" "${SHIPPED[@]}" --config configs/teacher.yaml
-python benchmarks/teacher.py "$TEACHER_RUN/checkpoints/last.ckpt" --data "$DATA" --reference results/classifier.ckpt \
-  --output results/recipe/teacher.json
+SHIPPED+=(--config configs/distill.yaml)
 DISTILLED_RUN=logs/distill/full-teacher-a05
-train "$DISTILLED_RUN" "${SHIPPED[@]}" --data.teacher_ckpts "[$TEACHER_RUN/checkpoints/last.ckpt]" \
-  --model.distillation_weight 0.5 --model.distillation_temperature 4
-python benchmarks/exit_recipes.py "$DISTILLED_RUN" --data "$DATA" --saved 50 40 60 \
+train "$DISTILLED_RUN" "${SHIPPED[@]}"
+python benchmarks/teacher.py "$TEACHER_RUN/checkpoints/last.ckpt" --data "$DATA" \
+  --reference "$RUN/checkpoints/last.ckpt" --output results/recipe/teacher.json
+python benchmarks/exit_recipes.py "$RUN" "$DISTILLED_RUN" --data "$DATA" --saved 50 40 60 51 \
   --output results/recipe/distillation.json
 
 # 2. Ship it in fp16; the export writes its training curves beside it (classifier-curves.csv) for the report's plot.
-eecnn-export "$RUN/checkpoints/last.ckpt" results/classifier.ckpt --half
-cp "$RUN/config.yaml" results/classifier-config.yaml
+eecnn-export "$DISTILLED_RUN/checkpoints/last.ckpt" results/classifier.ckpt --half
+cp "$DISTILLED_RUN/config.yaml" results/classifier-config.yaml
 
 # 3. One agent per seed along the trade-off against the threshold baselines, on the shipped classifier.
 /usr/bin/time -f "sweep: %e s wall" \
@@ -97,9 +99,9 @@ eecnn-sweep --classifier-ckpt results/classifier.ckpt --output results/agent/swe
 
 # 4. Ship the seed with the best validation reward (chosen on the validation split only), at the config's
 #    target_flops_saved; its best checkpoint is tested through the engine, in fp32 on any CPU.
-best_agent() {  # a sweep folder: the best checkpoint of its seed with the best validation reward
+best_agent() {  # a sweep folder, then a field (checkpoint or seed) of its seed with the best validation reward
   python -c "import json, sys; runs = json.load(open(sys.argv[1] + '/sweep.json'))['runs']
-print(max((r for r in runs if 'seed' in r), key=lambda r: r['val_reward'])['checkpoint'])" "$1"
+print(max((r for r in runs if 'seed' in r), key=lambda r: r['val_reward'])[sys.argv[2]])" "$1" "${2:-checkpoint}"
 }
 agent=$(best_agent results/sweep)
 eecnn-export "$agent" results/agent.ckpt
@@ -135,10 +137,10 @@ python benchmarks/shift.py results/agent.ckpt --data "$DATA" --output results/ag
 python benchmarks/shift.py "$(best_agent results/agent/sweep-one-view)" --data "$DATA" \
   --output results/agent/shift-one-view.json
 # 8. Time instead of FLOPs as the agent's cost (docs/agent.md, "Costs in seconds"): a latency profile at one image,
-#    an agent trained against it (seed 1, as the shipped one), and the two agents compared at equal time saved.
+#    an agent trained against it (the shipped agent's seed), and the two agents compared at equal time saved.
 eecnn-latency results/classifier.ckpt results/agent/latency-batch1.json --batch-size 1 --images 2000
 eecnn fit --config configs/agent.yaml --data.classifier_ckpt results/classifier.ckpt --data.data_dir "$DATA" \
-  --data.costs results/agent/latency-batch1.json --seed_everything 1 --trainer.logger.name latency-agent
+  --data.costs results/agent/latency-batch1.json --seed_everything "$(best_agent results/sweep seed)" --trainer.logger.name latency-agent
 latency_agent=$(ls -t logs/latency-agent/version_*/checkpoints/epoch*.ckpt | head -1)
 python benchmarks/latency_costs.py results/agent.ckpt "$latency_agent" --profile results/agent/latency-batch1.json \
   --data "$DATA" --output results/agent/latency-costs.json

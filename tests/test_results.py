@@ -59,11 +59,11 @@ def test_the_shipped_pair_tests_and_predicts_from_another_folder_on_any_image_fo
     assert "tiny/test/truck/0001.jpg" in out and re.search(r"^all class folders +20 ", out, re.MULTILINE)
 
 
-def test_the_shipped_classifiers_recipe_is_the_default_config_with_its_30_epoch_cutout_changes(capsys):
+def test_the_shipped_classifiers_recipe_is_the_default_config_with_its_30_epoch_cutout_and_distillation_changes(capsys):
     configs = ROOT / "configs"
     with pytest.raises(SystemExit, match="0"):  # LightningCLI exits 0 after --print_config
         main(["fit", "--config", str(configs / "cifar10.yaml"), "--config", str(configs / "cifar10-30ep-cutout.yaml"),
-              "--print_config"])
+              "--config", str(configs / "distill.yaml"), "--print_config"])
     ours = yaml.safe_load(capsys.readouterr().out)
     shipped = yaml.safe_load((RESULTS / "classifier-config.yaml").read_text())
     assert ours["model"]["class_path"] == shipped["model"]["class_path"]
@@ -222,3 +222,14 @@ def test_docs_teacher_table_quotes_the_teacher_file():
     expected = [[f"{measured[split][name][kind]:.2f} %" for split in ("val", "test")]
                 for name in (teacher, measured["reference"]) for kind in ("plain", "taught")]
     assert rows == expected
+
+
+def test_docs_distillation_table_quotes_both_full_size_runs():
+    runs = json.loads((RESULTS / "recipe" / "distillation.json").read_text())
+    table = re.search(r"<!-- distillation-table -->(.*?)<!-- /distillation-table -->",
+                      (ROOT / "docs" / "recipe.md").read_text(), re.DOTALL).group(1)
+    rows = [line.strip("| ").split(" | ")[1:] for line in table.strip().splitlines()[2:]]
+    figures = lambda values: " / ".join(f"{value:.1f}" for value in values)
+    rule = lambda rule: f"{rule['accuracy']:.2f} % at {rule['flops_saved_pct']:.1f} %"
+    assert rows == [[figures(run["test_accuracy"]), figures(run["test_ece"]),
+                     *(rule(run["thresholds"][saved]) for saved in ("40", "50", "60"))] for run in runs]
