@@ -52,7 +52,7 @@ train "${LONG_RUNS[6]}" --config configs/cifar10.yaml --data.crop_padding 2
 train "${LONG_RUNS[7]}" "${SHIPPED[@]}" --data.crop_padding 2
 train "${LONG_RUNS[8]}" "${SHIPPED[@]}" --model.exit_weights '[1,1,1,1]'
 train "${LONG_RUNS[9]}" "${SHIPPED[@]}" --trainer.max_epochs 40
-# 1d. The classifier shipped two releases ago, row 6's recipe for 20 epochs (batch 256 at lr 0.2, first conv at
+# 1d. The first classifier shipped, row 6's recipe for 20 epochs (batch 256 at lr 0.2, first conv at
 #     random): the comparison in docs/recipe.md.
 PREVIOUS_RUN=logs/reference/version_0
 train "$PREVIOUS_RUN" --config configs/cifar10.yaml --trainer.max_epochs 20 --data.batch_size 256 \
