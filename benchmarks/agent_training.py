@@ -57,7 +57,7 @@ def eecnn_training(classifier_ckpt: str, data: str | None, workdir: str) -> dict
 def seed_style_training(template: ExitAgent, cache: ExitCache, episodes: int) -> dict:
     """One image, one CNN forward and one DQN update per decision at a time, as in the seed."""
     h = template.hparams
-    images, labels = cache.images.datasets["val"].tensors
+    images, labels = cache.split_images("val")
     model = inference_copy(cache.model)
     q_net = copy.deepcopy(template.q_net)
     target_net = copy.deepcopy(q_net)
@@ -120,7 +120,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         ours = eecnn_training(args.classifier_ckpt, args.data, workdir)
     agent, cache = ours.pop("agent"), ours.pop("cache")
-    cache.images.setup("fit")
     seed = seed_style_training(agent, cache, episodes=args.seed_episodes)
     seed_total = ours["episodes"] / seed["episodes_per_s"]
     figures = {

@@ -121,8 +121,7 @@ def measure(policy: str, target: float, exits: torch.Tensor, test: ExitOutputs, 
 
 
 def test_images(cache: ExitCache) -> torch.Tensor:
-    cache.images.setup("test")
-    return normalize(cache.images.datasets["test"].tensors[0])
+    return normalize(cache.split_images("test")[0])
 
 
 if __name__ == "__main__":

@@ -111,15 +111,13 @@ def main() -> None:
         given = {"cache_dir": args.cache_dir} | ({"data_dir": args.data} if args.data else {})
         cache = ExitCache(**data_args(read_checkpoint(args.agent), args.agent) | given)
         cache.setup("test")
-        cache.images.prepare_data()  # cached exit outputs spare the cache the images: the corruptions need them
-        cache.images.setup("test")
+        images, labels = cache.split_images("test")
         clean = cache.outputs
         if args.target is not None:
             agent.hparams.target_flops_saved = args.target
         agent_weight = agent.operating_weight()
     except (InputError, ValueError) as err:
         sys.exit(f"shift: error: {err}")
-    images, labels = cache.images.datasets["test"].tensors
     costs, full_flops = cache.costs, cache.full_cost
     val_saved = evaluate_exits(agent.greedy_exits(clean["val"], agent_weight), clean["val"], costs,
                                full_flops)["flops_saved_pct"]

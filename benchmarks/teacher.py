@@ -26,7 +26,7 @@ from early_exit.teacher import load_teacher, teacher_log_probs
 
 @torch.no_grad()
 def accuracy(networks: list[nn.Module], images: torch.Tensor, labels: torch.Tensor, plain: bool) -> float:
-    """Test accuracy (%) of the teacher ``networks``: one network's logits if ``plain``, else what a student is
+    """Accuracy (%) of the teacher ``networks``: one network's logits if ``plain``, else what a student is
     taught."""
     if plain:
         [network] = networks

@@ -189,17 +189,22 @@ class ExitCache(L.LightningDataModule):
             raise InputError(f"the data at {self.images.hparams.data_dir} has {found} classes but the classifier "
                              f"{self.num_classes}: point --data.data_dir at images of the classes the classifier "
                              "was trained on")
-        for stage in {"test" if split == "test" else "fit" for split in missing}:
-            self.images.setup(stage)
         padding, flip = self.images.hparams.crop_padding, self.images.hparams.horizontal_flip
         if self.trainer is not None:  # on the accelerator the Trainer runs on
             self.classifier.to(self.trainer.strategy.root_device)
         for split in missing:
-            images, labels = self.images.datasets[split.removesuffix("_views")].tensors
+            images, labels = self.split_images(split.removesuffix("_views"))
             if split == "val_views":
                 images, labels = augmented_views(images, labels, self.hparams.val_views, padding, bool(flip))
             outputs = run_exits(self.classifier, images, labels)
             write_atomic(self.path(split), lambda file, outputs=outputs: torch.save(vars(outputs), file))
+
+    def split_images(self, split: str) -> tuple[Tensor, Tensor]:
+        """The uint8 images and labels of the classifier's ``split`` (train, val or test), read on first use: the
+        cached exit outputs never need them, the engine and the benchmarks that run it on images do."""
+        self.images.prepare_data()
+        self.images.setup("test" if split == "test" else "fit")
+        return self.images.datasets[split].tensors
 
     def prepare_data(self) -> None:
         stage = self.trainer.state.fn.value

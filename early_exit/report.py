@@ -125,9 +125,7 @@ class EarlyExitReport(Callback):
         if not trainer.is_global_zero:
             return
         cache = trainer.datamodule
-        cache.images.prepare_data()
-        cache.images.setup("test")
-        images, _ = cache.images.datasets["test"].tensors
+        images, _ = cache.split_images("test")
         test = cache.outputs["test"]
         engine = EarlyExitEngine(cache.model, module.greedy_policy()).to(module.device)
         report = policy_report(engine, images, cache.outputs["val"], test, cache.classes,
